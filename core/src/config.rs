@@ -1,0 +1,67 @@
+//! Every limit and interval of the protocol core, named with its unit last
+//! (STYLE.md §3). Each field says why it has the value it has; overflow of
+//! any of them drops or disconnects and is counted, never grows memory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::BLOCK_BYTES;
+
+/// Protocol limits and intervals shared by every machine of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Largest frame accepted from or sent to a peer, excluding the 4-byte
+    /// length prefix. The biggest legitimate frames are a manifest record
+    /// with 1024 inline hashes (~33 KiB) and a 16 KiB block; 256 KiB leaves
+    /// room while bounding what one peer can make us buffer.
+    pub frame_bytes_max: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { frame_bytes_max: 256 * 1024 }
+    }
+}
+
+/// A configuration value out of its usable range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field is outside the range the protocol can work with.
+    #[error("{field} = {value} is out of range: {why}")]
+    OutOfRange {
+        /// Field name, as in the config file.
+        field: &'static str,
+        /// The rejected value.
+        value: u64,
+        /// What it must satisfy.
+        why: &'static str,
+    },
+}
+
+impl Config {
+    /// Reject values the protocol cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // A block plus its header must fit in a frame.
+        if self.frame_bytes_max < 2 * BLOCK_BYTES {
+            return Err(ConfigError::OutOfRange {
+                field: "frame_bytes_max",
+                value: u64::from(self.frame_bytes_max),
+                why: "must hold a 16 KiB block with its header (>= 32768)",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_tiny_frames_are_not() {
+        Config::default().validate().unwrap();
+        let tiny = Config { frame_bytes_max: 1024 };
+        assert!(tiny.validate().is_err());
+    }
+}
