@@ -31,6 +31,7 @@ fn content(c: &mut Criterion) {
     let mut group = c.benchmark_group("content");
     group.throughput(Throughput::Bytes(data.len() as u64));
     group.sample_size(10);
+    group.measurement_time(std::time::Duration::from_secs(10));
     group.bench_function("raw_sha256", |b| b.iter(|| black_box(Sha256::digest(black_box(&data[..])))));
     group.bench_function("chunk_hash_bufread", |b| {
         b.iter(|| black_box(hash_buf_read(black_box(&data[..]), layout).map(|c| c.file_id)))

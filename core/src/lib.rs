@@ -18,4 +18,7 @@ pub mod config;
 pub mod content;
 pub mod ids;
 pub mod manifest;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+pub mod time;
 pub mod wire;
