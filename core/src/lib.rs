@@ -18,6 +18,7 @@ pub mod config;
 pub mod content;
 pub mod ids;
 pub mod manifest;
+pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time;

@@ -1,0 +1,196 @@
+//! A 64-ary hierarchical bitset: the leaf layer holds one bit per position,
+//! and each upper layer one bit per non-zero word of the layer below, up to
+//! a single top word. Insert and remove touch one word per layer (three
+//! layers cover 262,144 positions); finding the lowest position common to
+//! two sets descends only where both summaries overlap, so it never scans
+//! the empty parts of either set.
+
+/// Set of positions `0..capacity` with O(layers) insert/remove and
+/// summary-guided search.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HierBitset {
+    /// `layers[0]` are the leaves; `layers.last()` has exactly one word.
+    layers: Vec<Vec<u64>>,
+    capacity: u32,
+    count: u32,
+}
+
+impl HierBitset {
+    /// An empty set for positions `0..capacity`.
+    pub(crate) fn new(capacity: u32) -> Self {
+        let mut layers = Vec::new();
+        let mut width = (capacity as usize).div_ceil(64).max(1);
+        loop {
+            layers.push(vec![0u64; width]);
+            if width == 1 {
+                break;
+            }
+            width = width.div_ceil(64);
+        }
+        Self { layers, capacity, count: 0 }
+    }
+
+    /// Number of positions present.
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(crate) fn contains(&self, pos: u32) -> bool {
+        pos < self.capacity && self.layers[0][(pos / 64) as usize] & (1 << (pos % 64)) != 0
+    }
+
+    /// Add `pos`; returns whether it was absent.
+    pub(crate) fn insert(&mut self, pos: u32) -> bool {
+        assert!(pos < self.capacity, "position {pos} out of range {}", self.capacity);
+        if self.contains(pos) {
+            return false;
+        }
+        let mut index = pos as usize;
+        for layer in &mut self.layers {
+            let word = &mut layer[index / 64];
+            let was_empty = *word == 0;
+            *word |= 1u64 << (index % 64);
+            if !was_empty {
+                break; // invariant: a non-empty word's parent bit is set
+            }
+            index /= 64;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// Remove `pos`; returns whether it was present.
+    pub(crate) fn remove(&mut self, pos: u32) -> bool {
+        if !self.contains(pos) {
+            return false;
+        }
+        let mut index = pos as usize;
+        for layer in &mut self.layers {
+            let word = &mut layer[index / 64];
+            *word &= !(1u64 << (index % 64));
+            if *word != 0 {
+                break; // siblings remain: the parent bit stays
+            }
+            index /= 64;
+        }
+        self.count -= 1;
+        true
+    }
+
+    /// Lowest position present in both sets (same capacity).
+    pub(crate) fn first_common(&self, other: &HierBitset) -> Option<u32> {
+        assert_eq!(self.capacity, other.capacity, "sets of different capacity");
+        self.descend(self.layers.len() - 1, 0, Some(other))
+    }
+
+    fn descend(&self, layer: usize, word_index: usize, other: Option<&HierBitset>) -> Option<u32> {
+        let mut mask = self.layers[layer][word_index];
+        if let Some(other) = other {
+            mask &= other.layers[layer][word_index];
+        }
+        while mask != 0 {
+            let child = word_index * 64 + mask.trailing_zeros() as usize;
+            if layer == 0 {
+                // child < capacity because only valid positions are set.
+                return Some(child as u32);
+            }
+            if let Some(found) = self.descend(layer - 1, child, other) {
+                return Some(found);
+            }
+            mask &= mask - 1;
+        }
+        None
+    }
+
+    /// Positions present, ascending. Skips empty leaf words through the
+    /// first summary layer: O(capacity / 4096 + count).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let leaves = &self.layers[0];
+        let summary: &[u64] = self.layers.get(1).map_or(&[u64::MAX][..], Vec::as_slice);
+        set_bits(summary)
+            .filter(|&w| (w as usize) < leaves.len())
+            .flat_map(move |w| set_bits(std::slice::from_ref(&leaves[w as usize])).map(move |bit| w * 64 + bit))
+    }
+
+    /// Bytes of heap memory held.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.len() * 8).sum()
+    }
+}
+
+/// Set bit indices of a word slice, ascending.
+pub(crate) fn set_bits(words: &[u64]) -> impl Iterator<Item = u32> + '_ {
+    words.iter().enumerate().flat_map(|(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                w as u32 * 64 + bit
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn layers_shrink_to_one_top_word() {
+        assert_eq!(HierBitset::new(0).layers.len(), 1);
+        assert_eq!(HierBitset::new(64).layers.len(), 1);
+        assert_eq!(HierBitset::new(65).layers.len(), 2);
+        assert_eq!(HierBitset::new(4096).layers.len(), 2);
+        assert_eq!(HierBitset::new(100_000).layers.len(), 3);
+        assert_eq!(HierBitset::new(100_000).layers[1].len(), 25);
+    }
+
+    #[test]
+    fn first_common_skips_disjoint_regions() {
+        let mut a = HierBitset::new(100_000);
+        let mut b = HierBitset::new(100_000);
+        a.insert(5);
+        a.insert(70_000);
+        b.insert(6);
+        b.insert(70_000);
+        b.insert(99_999);
+        assert_eq!(a.first_common(&b), Some(70_000));
+        a.remove(70_000);
+        assert_eq!(a.first_common(&b), None);
+        assert!(!a.remove(70_000));
+        assert_eq!(a.count(), 1);
+    }
+
+    proptest! {
+        /// Against a BTreeSet model: any sequence of inserts and removes
+        /// leaves the same members, first and first-common.
+        #[test]
+        fn matches_a_set_model(
+            capacity in 1u32..20_000,
+            ops in proptest::collection::vec((any::<bool>(), any::<u32>(), any::<bool>()), 0..400),
+        ) {
+            let mut a = HierBitset::new(capacity);
+            let mut b = HierBitset::new(capacity);
+            let (mut ma, mut mb) = (BTreeSet::new(), BTreeSet::new());
+            for (insert, pos, into_a) in ops {
+                let pos = pos % capacity;
+                let (set, model) = if into_a { (&mut a, &mut ma) } else { (&mut b, &mut mb) };
+                if insert {
+                    prop_assert_eq!(set.insert(pos), model.insert(pos));
+                } else {
+                    prop_assert_eq!(set.remove(pos), model.remove(&pos));
+                }
+            }
+            prop_assert_eq!(a.count() as usize, ma.len());
+            prop_assert_eq!(a.first_common(&b), ma.intersection(&mb).next().copied());
+            prop_assert_eq!(a.iter().collect::<Vec<_>>(), ma.iter().copied().collect::<Vec<_>>());
+        }
+    }
+}
