@@ -2,16 +2,22 @@
 //!
 //! - [`picker`]: rarest-first choice of the next piece for a peer, O(1)
 //!   availability updates, seeds counted once.
+//! - [`download`]: block requests per peer: ownership, pipelining depth,
+//!   timeouts, streaming window, slow-peer takeover and endgame.
 //! - `reference` (tests and benches only): the naive scan the picker is
 //!   checked and measured against.
 
 mod bitset;
+pub mod download;
+#[cfg(test)]
+mod download_tests;
 pub mod picker;
 #[cfg(any(test, feature = "testkit"))]
 pub mod reference;
 #[cfg(test)]
 mod tests;
 
+pub use download::{BlockAccepted, BlockError, BlockRef, Download, DownloadConfig};
 pub use picker::{PickerError, PiecePicker, PieceState};
 
 /// A small per-file index for a connected peer, assigned by the exchange,

@@ -174,6 +174,12 @@ impl PiecePicker {
         self.peer_count
     }
 
+    /// Free pieces: missing and not started.
+    #[must_use]
+    pub fn free(&self) -> u32 {
+        self.order.len() as u32
+    }
+
     /// Pieces we do not have yet (free or partial).
     #[must_use]
     pub fn missing(&self) -> u32 {

@@ -1,0 +1,201 @@
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+
+use super::*;
+use crate::content::Layout;
+use crate::ids::PieceIndex;
+use crate::time::Instant;
+
+const A: PeerSlot = PeerSlot(0);
+const B: PeerSlot = PeerSlot(1);
+
+fn t(ms: u64) -> Instant {
+    Instant::from_micros(ms * 1000)
+}
+
+/// 8 pieces of 4 blocks (64 KiB each).
+fn download(config: DownloadConfig) -> Download {
+    let layout = Layout::new(8 * 64 * 1024, 64 * 1024).unwrap();
+    Download::new(layout, 4, config, [], &mut ChaCha8Rng::seed_from_u64(1))
+}
+
+fn seed(d: &mut Download, slot: PeerSlot) {
+    d.add_peer(slot).unwrap();
+    d.peer_has_all(slot).unwrap();
+    d.set_choked(slot, false);
+}
+
+fn receive_all(d: &mut Download, slot: PeerSlot, blocks: &[BlockRef], now: Instant) -> Vec<PieceIndex> {
+    let mut complete = Vec::new();
+    for &block in blocks {
+        if d.on_block(slot, block, now).unwrap().piece_complete {
+            complete.push(block.piece);
+        }
+    }
+    complete
+}
+
+#[test]
+fn a_choked_peer_gets_no_requests() {
+    let mut d = download(DownloadConfig::default());
+    d.add_peer(A).unwrap();
+    d.peer_has_all(A).unwrap();
+    assert!(d.next_requests(A, t(0)).is_empty());
+}
+
+#[test]
+fn a_peer_finishes_the_pieces_it_started() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    assert_eq!(requests.len(), 8, "initial depth");
+    // Whole pieces, block by block: 2 pieces of 4 blocks.
+    assert_eq!(requests[0].piece, requests[3].piece);
+    assert_eq!((0..4).map(|i| requests[i].block).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(requests[4].piece, requests[7].piece);
+    assert_ne!(requests[0].piece, requests[4].piece);
+    let complete = receive_all(&mut d, A, &requests, t(10));
+    assert_eq!(complete, vec![requests[0].piece, requests[4].piece]);
+    d.piece_passed(requests[0].piece);
+    d.piece_passed(requests[4].piece);
+    assert_eq!(d.picker().missing(), 6);
+    assert_eq!(d.unverified_bytes(), 0);
+}
+
+#[test]
+fn blocks_nobody_asked_for_are_rejected_and_late_ones_are_wasted() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    let never = BlockRef { piece: PieceIndex(7), block: 3 };
+    assert!(!requests.contains(&never) || requests.len() > 8);
+    assert_eq!(d.on_block(A, never, t(1)), Err(BlockError::Unsolicited));
+    assert_eq!(d.on_block(B, requests[0], t(1)), Err(BlockError::Unsolicited), "unknown peer");
+    // A choke drops the requests; a block crossing it on the wire is waste.
+    d.set_choked(A, true);
+    assert_eq!(d.inflight(A), 0);
+    assert_eq!(d.on_block(A, requests[0], t(2)), Err(BlockError::Duplicate));
+}
+
+#[test]
+fn depth_follows_the_measured_rate() {
+    let mut d = download(DownloadConfig { requests_inflight_initial: 2, ..DownloadConfig::default() });
+    seed(&mut d, A);
+    let mut now = t(0);
+    // Deliver 2 blocks every 100 ms: 20 blocks/s = 320 KiB/s.
+    for _ in 0..30 {
+        let requests = d.next_requests(A, now);
+        now += Duration::from_millis(100);
+        for block in requests.into_iter().take(2) {
+            if d.on_block(A, block, now).unwrap().piece_complete {
+                d.piece_passed(block.piece);
+            }
+        }
+        if d.is_complete() {
+            break;
+        }
+    }
+    let rate = d.rate(A).expect("rate measured");
+    assert!((250_000..400_000).contains(&rate), "rate {rate}");
+    // rate × 2 s / 16 KiB ≈ 40 blocks.
+    let depth = d.depth(A);
+    assert!((30..=50).contains(&depth), "depth {depth}");
+}
+
+#[test]
+fn timeouts_free_blocks_for_others_and_snub_the_peer() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    let deadline = d.poll_timeout().expect("requests have deadlines");
+    assert!(deadline >= t(5000));
+    assert!(d.handle_timeout(deadline - Duration::from_millis(1)).is_empty(), "early call is harmless");
+    let expired = d.handle_timeout(deadline);
+    assert_eq!(expired.len(), requests.len());
+    assert_eq!(d.depth(A), 1, "snubbed");
+    seed(&mut d, B);
+    let taken = d.next_requests(B, deadline);
+    assert!(taken.contains(&requests[0]), "B takes over the orphaned blocks: {taken:?}");
+    // A's late block is waste, not a violation.
+    assert_eq!(d.on_block(A, requests[0], deadline), Err(BlockError::Duplicate));
+}
+
+#[test]
+fn endgame_duplicates_the_last_blocks_and_cancels_the_losers() {
+    let mut d = download(DownloadConfig { requests_inflight_initial: 64, ..DownloadConfig::default() });
+    seed(&mut d, A);
+    let all = d.next_requests(A, t(0));
+    assert_eq!(all.len(), 32, "every block requested from A");
+    seed(&mut d, B);
+    let dups = d.next_requests(B, t(1));
+    assert!(!dups.is_empty(), "endgame requests the same blocks from B");
+    assert!(dups.iter().all(|b| all.contains(b)));
+    let accepted = d.on_block(B, dups[0], t(2)).unwrap();
+    assert_eq!(accepted.cancels, vec![(A, dups[0])]);
+    assert_eq!(d.on_block(A, dups[0], t(3)), Err(BlockError::Duplicate), "the loser's copy is waste");
+}
+
+#[test]
+fn a_failed_piece_is_fetched_from_someone_else() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    let piece = requests[0].piece;
+    receive_all(&mut d, A, &requests[..4], t(1));
+    assert_eq!(d.piece_failed(piece), vec![A]);
+    // A is excluded from that piece; B gets it.
+    let again = d.next_requests(A, t(2));
+    assert!(again.iter().all(|b| b.piece != piece), "A must not refetch {piece:?}");
+    seed(&mut d, B);
+    let from_b = d.next_requests(B, t(3));
+    assert!(from_b.iter().any(|b| b.piece == piece), "B refetches {piece:?}: {from_b:?}");
+}
+
+#[test]
+fn unverified_bytes_are_bounded() {
+    let mut d = download(DownloadConfig {
+        unverified_bytes_max: 2 * 64 * 1024,
+        requests_inflight_initial: 64,
+        ..DownloadConfig::default()
+    });
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    assert_eq!(requests.len(), 8, "two pieces of budget, no more");
+    assert_eq!(d.unverified_bytes(), 2 * 64 * 1024);
+}
+
+#[test]
+fn streaming_fetches_the_window_in_order() {
+    let mut d = download(DownloadConfig { streaming_window_pieces: 3, ..DownloadConfig::default() });
+    d.set_streaming(Some(PieceIndex(2)));
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    let pieces: Vec<u32> = requests.iter().map(|b| b.piece.0).collect();
+    assert_eq!(pieces, vec![2, 2, 2, 2, 3, 3, 3, 3]);
+}
+
+#[test]
+fn a_departed_owner_leaves_its_piece_to_others() {
+    let mut d = download(DownloadConfig { requests_inflight_initial: 2, ..DownloadConfig::default() });
+    seed(&mut d, A);
+    let requests = d.next_requests(A, t(0));
+    let piece = requests[0].piece;
+    receive_all(&mut d, A, &requests[..1], t(1));
+    d.remove_peer(A).unwrap();
+    seed(&mut d, B);
+    // Partial pieces are finished before new ones are started.
+    let first = d.next_requests(B, t(2));
+    assert_eq!(first[0].piece, piece, "B finishes A's orphan first: {first:?}");
+    for round in 0..100 {
+        let requests = if round == 0 { first.clone() } else { d.next_requests(B, t(3)) };
+        for piece in receive_all(&mut d, B, &requests, t(3)) {
+            d.piece_passed(piece);
+        }
+        if d.is_complete() {
+            break;
+        }
+    }
+    assert!(d.is_complete());
+}
