@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod content;
+pub mod exchange;
 pub mod ids;
 pub mod manifest;
 pub mod scheduler;

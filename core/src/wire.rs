@@ -351,6 +351,11 @@ pub enum ExchangeMessage {
         /// The file.
         file: FileId,
     },
+    /// The sender has no piece of `file`, or does not know it (BEP 6).
+    HaveNone {
+        /// The file.
+        file: FileId,
+    },
     /// The sender completed a piece.
     Have {
         /// The file.
@@ -448,6 +453,27 @@ pub enum Message {
         /// Why.
         reason: GoodbyeReason,
     },
+}
+
+impl ExchangeMessage {
+    /// The file the message is about.
+    #[must_use]
+    pub fn file(&self) -> FileId {
+        match self {
+            Self::Interested { file }
+            | Self::NotInterested { file }
+            | Self::Bitfield { file, .. }
+            | Self::HaveAll { file }
+            | Self::HaveNone { file }
+            | Self::Have { file, .. }
+            | Self::Request { file, .. }
+            | Self::Block { file, .. }
+            | Self::Cancel { file, .. }
+            | Self::Reject { file, .. }
+            | Self::Choke { file }
+            | Self::Unchoke { file } => *file,
+        }
+    }
 }
 
 impl Message {

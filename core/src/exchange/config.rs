@@ -1,0 +1,83 @@
+//! Limits and timings of the piece exchange.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::scheduler::DownloadConfig;
+
+/// Piece-exchange limits (STYLE.md §3: every bound named, units last).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// Block scheduling of downloads.
+    pub download: DownloadConfig,
+    /// Files served or fetched at once.
+    pub files_max: u32,
+    /// Peers exchanging one file with us; bounds per-file state and the
+    /// picker's availability levels.
+    pub peers_per_file_max: u16,
+    /// Regular upload slots (peers unchoked for their merit).
+    pub upload_slots: u32,
+    /// Extra slots given at random, rotated every
+    /// `optimistic_unchoke_interval` (BEP 3's optimistic unchoke).
+    pub optimistic_unchoke_slots: u32,
+    /// How often the regular slots are re-chosen.
+    pub rechoke_interval: Duration,
+    /// How often the optimistic slot rotates.
+    pub optimistic_unchoke_interval: Duration,
+    /// Requests from one peer we hold before rejecting more: bounds the
+    /// outgoing block queue per peer (libtorrent's
+    /// `max_allowed_in_request_queue` is 500).
+    pub requests_queued_per_peer_max: u32,
+    /// Failed pieces a peer may send before it is banned from the file.
+    pub strikes_max: u32,
+    /// Requests while choked we tolerate (they race a choke on the wire)
+    /// before treating a peer as misbehaving.
+    pub choked_requests_max: u32,
+}
+
+impl Default for ExchangeConfig {
+    fn default() -> Self {
+        Self {
+            download: DownloadConfig::default(),
+            files_max: 1024,
+            peers_per_file_max: 64,
+            upload_slots: 4,
+            optimistic_unchoke_slots: 1,
+            rechoke_interval: Duration::from_secs(10),
+            optimistic_unchoke_interval: Duration::from_secs(30),
+            requests_queued_per_peer_max: 256,
+            strikes_max: 3,
+            choked_requests_max: 64,
+        }
+    }
+}
+
+impl ExchangeConfig {
+    /// Reject values the exchange cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, field, value: u64, why| {
+            if ok { Ok(()) } else { Err(ConfigError::OutOfRange { field, value, why }) }
+        };
+        let d = &self.download;
+        check(self.peers_per_file_max >= 1, "peers_per_file_max", self.peers_per_file_max.into(), "at least 1")?;
+        check(self.upload_slots >= 1, "upload_slots", self.upload_slots.into(), "at least 1")?;
+        check(self.strikes_max >= 1, "strikes_max", self.strikes_max.into(), "at least 1")?;
+        check(
+            d.requests_inflight_per_peer_min >= 1
+                && d.requests_inflight_per_peer_min <= d.requests_inflight_per_peer_max,
+            "download.requests_inflight_per_peer_min",
+            d.requests_inflight_per_peer_min.into(),
+            "between 1 and requests_inflight_per_peer_max",
+        )?;
+        check(
+            d.unverified_bytes_max >= u64::from(crate::content::PIECE_BYTES_MAX),
+            "download.unverified_bytes_max",
+            d.unverified_bytes_max,
+            "must hold the largest piece (16 MiB)",
+        )?;
+        check(!self.rechoke_interval.is_zero(), "rechoke_interval", self.rechoke_interval.as_secs(), "must be positive")
+    }
+}

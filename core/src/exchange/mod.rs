@@ -1,0 +1,542 @@
+//! Piece exchange: per-peer sessions that trade a file's pieces.
+//!
+//! One [`Exchange`] machine serves every file of a node. On a connection,
+//! each file has its own session (BEP 3 semantics, per file): each side
+//! first announces what it holds (`Bitfield`, `HaveAll` or `HaveNone`),
+//! then `Have`s as it completes pieces; `Interested`/`Choke`/`Unchoke` gate
+//! requests; blocks are requested 16 KiB at a time by the download
+//! scheduler ([`crate::scheduler::Download`]).
+//!
+//! Every peer message is validated: an unknown piece, a bad block range, a
+//! block nobody asked for, a malformed bitfield or a second one is a
+//! protocol violation and the connection is closed with a reason. A piece
+//! is hashed when complete and only a verified piece leaves the machine
+//! ([`ExchangeOutput::StorePiece`]); a failed piece is discarded and
+//! fetched from someone else, and its senders get a strike each; at
+//! `strikes_max` a peer is banned from the file.
+//!
+//! Uploads are rationed by choking (BEP 3, libtorrent's choker):
+//! `upload_slots` regular slots re-chosen every `rechoke_interval` —
+//! while downloading, for the peers we download fastest from (tit for
+//! tat); while seeding, for the peers we upload fastest to (spreads
+//! pieces fastest) — plus an optimistic slot rotated every
+//! `optimistic_unchoke_interval` so newcomers can bootstrap.
+//!
+//! Call order (STYLE.md §1): one `handle_input`/`handle_timeout`, then
+//! `poll_output` until `None`, then arm a timer for `poll_timeout`.
+
+mod config;
+mod swarm;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+
+pub use config::ExchangeConfig;
+use swarm::Swarm;
+
+use crate::content::PieceHash;
+use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
+use crate::manifest::FileManifest;
+use crate::scheduler::PeerSlot;
+use crate::time::Instant;
+use crate::wire::{ExchangeMessage, GoodbyeReason};
+
+/// What the driver or the node tells the exchange.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ExchangeInput {
+    /// A connection completed its handshake with `node`.
+    PeerConnected {
+        /// The connection.
+        conn: ConnId,
+        /// The authenticated peer.
+        node: NodeId,
+    },
+    /// A connection closed.
+    PeerDisconnected {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// An exchange message arrived.
+    Message {
+        /// From this connection.
+        conn: ConnId,
+        /// The message.
+        message: ExchangeMessage,
+    },
+    /// Serve a file we hold completely.
+    Seed {
+        /// Its validated manifest.
+        manifest: FileManifest,
+        /// Its piece hashes (from the manifest or fetched and proven).
+        piece_hashes: Vec<PieceHash>,
+    },
+    /// Download a file, keeping the pieces already verified in `have`.
+    Download {
+        /// Its validated manifest.
+        manifest: FileManifest,
+        /// Its piece hashes.
+        piece_hashes: Vec<PieceHash>,
+        /// Pieces already stored and verified (resume).
+        have: Vec<PieceIndex>,
+    },
+    /// Stop serving and fetching a file.
+    Remove {
+        /// The file.
+        file: FileId,
+    },
+    /// Exchange `file` with the peer on `conn` (a provider or a peer that
+    /// announced it): opens the session from our side.
+    Open {
+        /// The connection.
+        conn: ConnId,
+        /// The file.
+        file: FileId,
+    },
+    /// Fetch pieces from `from` on first, in order (`None`: rarest first).
+    Stream {
+        /// The file.
+        file: FileId,
+        /// First piece wanted.
+        from: Option<PieceIndex>,
+    },
+    /// The driver finished sending (or dropped) a block it was asked to
+    /// serve: the peer's queue has room again.
+    BlockSent {
+        /// The connection.
+        conn: ConnId,
+        /// The file.
+        file: FileId,
+    },
+}
+
+/// What the exchange asks of the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExchangeOutput {
+    /// Send a message.
+    Send {
+        /// To this connection.
+        conn: ConnId,
+        /// The message.
+        message: ExchangeMessage,
+    },
+    /// Read a block from the store and send it as
+    /// [`ExchangeMessage::Block`]; answer with [`ExchangeInput::BlockSent`].
+    ServeBlock {
+        /// To this connection.
+        conn: ConnId,
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// Byte offset in the piece.
+        offset: u32,
+        /// Length.
+        length: u32,
+    },
+    /// Write a verified piece to the store.
+    StorePiece {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// Its bytes, hash-checked.
+        data: Bytes,
+    },
+    /// Close a connection.
+    Disconnect {
+        /// The connection.
+        conn: ConnId,
+        /// Why (sent to the peer in a goodbye).
+        reason: GoodbyeReason,
+    },
+    /// Something the node or the simulator may want to know.
+    Event(ExchangeEvent),
+}
+
+/// Why a peer's message was a protocol violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Violation {
+    /// A piece index or block range outside the file.
+    BadRange,
+    /// A block we never requested.
+    UnsolicitedBlock,
+    /// A malformed or repeated availability announcement.
+    BadBitfield,
+    /// Too many requests while choked, or past the queue limit.
+    RequestFlood,
+    /// A message for a file before any session for it.
+    NoSession,
+}
+
+/// Observable exchange events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExchangeEvent {
+    /// A piece passed its hash check.
+    PieceVerified {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+    },
+    /// A piece failed its hash check.
+    PieceFailed {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// Who sent its blocks.
+        culprits: Vec<NodeId>,
+    },
+    /// Every piece of a file is verified.
+    DownloadComplete {
+        /// The file.
+        file: FileId,
+    },
+    /// A peer reached `strikes_max` and is banned from a file.
+    PeerBanned {
+        /// The file.
+        file: FileId,
+        /// The peer.
+        node: NodeId,
+    },
+    /// A peer broke the protocol; its connection is closed.
+    ProtocolViolation {
+        /// The connection.
+        conn: ConnId,
+        /// The peer.
+        node: NodeId,
+        /// What it did.
+        violation: Violation,
+    },
+}
+
+/// Counters, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExchangeStats {
+    /// Blocks accepted.
+    pub blocks_received: u64,
+    /// Payload bytes of accepted blocks.
+    pub payload_bytes_received: u64,
+    /// Payload bytes received that were not needed (endgame, races).
+    pub wasted_bytes: u64,
+    /// Blocks handed to the driver to serve.
+    pub blocks_served: u64,
+    /// Pieces verified.
+    pub pieces_verified: u64,
+    /// Pieces that failed verification.
+    pub pieces_failed: u64,
+    /// Requests we rejected (choked, unknown piece, over the queue limit).
+    pub requests_rejected: u64,
+    /// Protocol violations seen.
+    pub violations: u64,
+    /// Messages dropped because a limit was reached (files, peers).
+    pub dropped_over_limit: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    node: NodeId,
+    /// Open sessions on this connection: file -> the peer's slot in it.
+    files: BTreeMap<FileId, PeerSlot>,
+}
+
+/// The piece-exchange machine (module docs).
+pub struct Exchange {
+    config: ExchangeConfig,
+    rng: ChaCha8Rng,
+    swarms: BTreeMap<FileId, Swarm>,
+    conns: BTreeMap<ConnId, Conn>,
+    out: VecDeque<ExchangeOutput>,
+    next_rechoke: Option<Instant>,
+    next_optimistic: Option<Instant>,
+    stats: ExchangeStats,
+}
+
+impl Exchange {
+    /// A machine with no files; randomness from `seed` only.
+    #[must_use]
+    pub fn new(config: ExchangeConfig, seed: [u8; 32]) -> Self {
+        Self {
+            config,
+            rng: ChaCha8Rng::from_seed(seed),
+            swarms: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            out: VecDeque::new(),
+            next_rechoke: None,
+            next_optimistic: None,
+            stats: ExchangeStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    #[must_use]
+    pub fn stats(&self) -> ExchangeStats {
+        self.stats
+    }
+
+    /// Whether we hold every piece of `file`.
+    #[must_use]
+    pub fn is_complete(&self, file: &FileId) -> bool {
+        self.swarms.get(file).is_some_and(Swarm::is_complete)
+    }
+
+    /// Pieces of `file` we hold, and its piece count.
+    #[must_use]
+    pub fn progress(&self, file: &FileId) -> Option<(u32, u32)> {
+        self.swarms.get(file).map(Swarm::progress)
+    }
+
+    /// Peers exchanging `file` with us.
+    #[must_use]
+    pub fn peer_count(&self, file: &FileId) -> usize {
+        self.swarms.get(file).map_or(0, Swarm::peer_count)
+    }
+
+    /// Process one input (call order in the module docs).
+    pub fn handle_input(&mut self, now: Instant, input: ExchangeInput) {
+        match input {
+            ExchangeInput::PeerConnected { conn, node } => {
+                self.conns.insert(conn, Conn { node, files: BTreeMap::new() });
+            }
+            ExchangeInput::PeerDisconnected { conn } => self.close_conn(now, conn),
+            ExchangeInput::Message { conn, message } => self.on_message(now, conn, message),
+            ExchangeInput::Seed { manifest, piece_hashes } => {
+                self.add_swarm(now, &manifest, piece_hashes, None);
+            }
+            ExchangeInput::Download { manifest, piece_hashes, have } => {
+                self.add_swarm(now, &manifest, piece_hashes, Some(have));
+            }
+            ExchangeInput::Remove { file } => self.remove_swarm(file),
+            ExchangeInput::Open { conn, file } => self.open(now, conn, file),
+            ExchangeInput::Stream { file, from } => {
+                if let Some(swarm) = self.swarms.get_mut(&file) {
+                    swarm.set_streaming(from);
+                    swarm.refill_all(now, &mut self.out);
+                }
+            }
+            ExchangeInput::BlockSent { conn, file } => {
+                if let Some(slot) = self.conns.get(&conn).and_then(|c| c.files.get(&file)).copied()
+                    && let Some(swarm) = self.swarms.get_mut(&file)
+                {
+                    swarm.block_sent(slot);
+                }
+            }
+        }
+        self.arm_choker(now);
+    }
+
+    /// Run due timers: request timeouts, rechoke, optimistic unchoke.
+    /// Tolerates early and repeated calls.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for swarm in self.swarms.values_mut() {
+            swarm.expire_requests(now, &mut self.out);
+        }
+        let optimistic_due = self.next_optimistic.is_some_and(|t| t <= now);
+        if self.next_rechoke.is_some_and(|t| t <= now) || optimistic_due {
+            self.rechoke(now, optimistic_due);
+        }
+    }
+
+    /// Next output, until `None`.
+    pub fn poll_output(&mut self) -> Option<ExchangeOutput> {
+        self.out.pop_front()
+    }
+
+    /// Earliest deadline.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let swarms = self.swarms.values().filter_map(Swarm::poll_timeout);
+        swarms.chain(self.next_rechoke).chain(self.next_optimistic).min()
+    }
+
+    fn arm_choker(&mut self, now: Instant) {
+        if self.next_rechoke.is_none() && !self.swarms.is_empty() {
+            self.next_rechoke = Some(now + self.config.rechoke_interval);
+            self.next_optimistic = Some(now + self.config.optimistic_unchoke_interval);
+        }
+    }
+
+    fn add_swarm(
+        &mut self,
+        now: Instant,
+        manifest: &FileManifest,
+        piece_hashes: Vec<PieceHash>,
+        have: Option<Vec<PieceIndex>>,
+    ) {
+        let Ok(file) = manifest.validate() else { return };
+        if self.swarms.contains_key(&file) {
+            return;
+        }
+        if self.swarms.len() >= self.config.files_max as usize {
+            self.stats.dropped_over_limit += 1;
+            return;
+        }
+        let Ok(layout) = manifest.layout() else { return };
+        if piece_hashes.len() as u64 != u64::from(layout.piece_count())
+            || crate::content::merkle_root(&piece_hashes) != manifest.root
+        {
+            return; // hashes that do not certify this file are never used
+        }
+        let mut seed = [0u8; 32];
+        rand::Rng::fill_bytes(&mut self.rng, &mut seed);
+        let swarm = Swarm::new(file, layout, piece_hashes, have, &self.config, seed);
+        self.swarms.insert(file, swarm);
+        self.arm_choker(now);
+    }
+
+    fn remove_swarm(&mut self, file: FileId) {
+        if self.swarms.remove(&file).is_some() {
+            for conn in self.conns.values_mut() {
+                conn.files.remove(&file);
+            }
+        }
+    }
+
+    /// Open a session for `file` on `conn` from our side.
+    fn open(&mut self, now: Instant, conn: ConnId, file: FileId) {
+        let Some(node) = self.conns.get(&conn).map(|c| c.node) else { return };
+        if self.conns.get(&conn).is_some_and(|c| c.files.contains_key(&file)) {
+            return;
+        }
+        let Some(swarm) = self.swarms.get_mut(&file) else { return };
+        match swarm.add_peer(conn, node, &mut self.out) {
+            Some(slot) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.files.insert(file, slot);
+                }
+                self.unchoke_if_slot_free(now, file, slot);
+            }
+            None => self.stats.dropped_over_limit += 1,
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, conn: ConnId, message: ExchangeMessage) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let node = c.node;
+        let file = message.file();
+        let slot = match c.files.get(&file) {
+            Some(&slot) => slot,
+            None => {
+                // The peer opens a session. Unknown file: say we hold nothing.
+                let Some(swarm) = self.swarms.get_mut(&file) else {
+                    self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::HaveNone { file } });
+                    return;
+                };
+                let Some(slot) = swarm.add_peer(conn, node, &mut self.out) else {
+                    self.stats.dropped_over_limit += 1;
+                    return;
+                };
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.files.insert(file, slot);
+                }
+                slot
+            }
+        };
+        let Some(swarm) = self.swarms.get_mut(&file) else { return };
+        let result = swarm.on_message(now, slot, message, &mut self.out, &mut self.stats);
+        match result {
+            Ok(swarm::After::Nothing) => {}
+            Ok(swarm::After::PeerInterested) => self.unchoke_if_slot_free(now, file, slot),
+            Ok(swarm::After::Banned(banned)) => {
+                self.out.push_back(ExchangeOutput::Event(ExchangeEvent::PeerBanned { file, node: banned.1 }));
+                self.end_session(now, banned.0, file, GoodbyeReason::Banned);
+            }
+            Err(violation) => {
+                self.stats.violations += 1;
+                self.out.push_back(ExchangeOutput::Event(ExchangeEvent::ProtocolViolation { conn, node, violation }));
+                self.out.push_back(ExchangeOutput::Disconnect { conn, reason: GoodbyeReason::ProtocolViolation });
+                self.close_conn(now, conn);
+            }
+        }
+    }
+
+    /// Drop one file's session on a connection; close the connection if
+    /// it carries nothing else.
+    fn end_session(&mut self, now: Instant, conn: ConnId, file: FileId, reason: GoodbyeReason) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if let Some(slot) = c.files.remove(&file)
+            && let Some(swarm) = self.swarms.get_mut(&file)
+        {
+            swarm.remove_peer(now, slot, &mut self.out);
+        }
+        if self.conns.get(&conn).is_some_and(|c| c.files.is_empty()) {
+            self.out.push_back(ExchangeOutput::Disconnect { conn, reason });
+            self.conns.remove(&conn);
+        }
+    }
+
+    fn close_conn(&mut self, now: Instant, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        for (file, slot) in c.files {
+            if let Some(swarm) = self.swarms.get_mut(&file) {
+                swarm.remove_peer(now, slot, &mut self.out);
+            }
+        }
+    }
+
+    fn unchoked_count(&self) -> usize {
+        self.swarms.values().map(Swarm::unchoked_count).sum()
+    }
+
+    /// A newly interested peer gets a slot at once if one is free
+    /// (libtorrent does the same rather than wait for the next rechoke).
+    fn unchoke_if_slot_free(&mut self, _now: Instant, file: FileId, slot: PeerSlot) {
+        let slots = (self.config.upload_slots + self.config.optimistic_unchoke_slots) as usize;
+        if self.unchoked_count() < slots
+            && let Some(swarm) = self.swarms.get_mut(&file)
+        {
+            swarm.set_choking(slot, false, &mut self.out);
+        }
+    }
+
+    /// Re-choose the regular upload slots across all files, and rotate the
+    /// optimistic one when `rotate` (module docs).
+    fn rechoke(&mut self, now: Instant, rotate: bool) {
+        self.next_rechoke = Some(now + self.config.rechoke_interval);
+        if rotate {
+            self.next_optimistic = Some(now + self.config.optimistic_unchoke_interval);
+        }
+        // Score every interested peer: bytes it gave us (downloading) or we
+        // gave it (seeding) since the last rechoke. A random tiebreak keeps
+        // equal peers from being ranked by slot number.
+        let mut candidates: Vec<(u64, u64, FileId, PeerSlot, bool)> = Vec::new();
+        for (&file, swarm) in &mut self.swarms {
+            for (slot, score, optimistic) in swarm.take_choke_scores() {
+                let tiebreak = rand::Rng::next_u64(&mut self.rng);
+                candidates.push((score, tiebreak, file, slot, optimistic));
+            }
+        }
+        candidates.sort_by_key(|c| std::cmp::Reverse((c.0, c.1)));
+        let regular = self.config.upload_slots as usize;
+        let mut unchoke: Vec<(FileId, PeerSlot)> = candidates.iter().take(regular).map(|c| (c.2, c.3)).collect();
+        let rest: Vec<_> = candidates.iter().skip(regular).collect();
+        // Keep the current optimistic peers unless it is time to rotate.
+        let optimistic: Vec<(FileId, PeerSlot)> = if rotate || rest.iter().all(|c| !c.4) {
+            let mut pool: Vec<_> = rest.iter().map(|c| (c.2, c.3)).collect();
+            let mut chosen = Vec::new();
+            for _ in 0..self.config.optimistic_unchoke_slots {
+                if pool.is_empty() {
+                    break;
+                }
+                let i = rand::RngExt::random_range(&mut self.rng, 0..pool.len());
+                chosen.push(pool.swap_remove(i));
+            }
+            chosen
+        } else {
+            rest.iter().filter(|c| c.4).map(|c| (c.2, c.3)).collect()
+        };
+        unchoke.extend(optimistic.iter().copied());
+        for (&file, swarm) in &mut self.swarms {
+            swarm.apply_choke(&unchoke, &optimistic, file, &mut self.out);
+        }
+    }
+}
