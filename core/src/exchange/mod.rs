@@ -105,6 +105,14 @@ pub enum ExchangeInput {
         /// First piece wanted.
         from: Option<PieceIndex>,
     },
+    /// Set a file's priority: 0 pauses it, 1..=7 weight its share of each
+    /// peer (4 is normal).
+    Priority {
+        /// The file.
+        file: FileId,
+        /// The priority.
+        priority: u8,
+    },
     /// The driver finished sending (or dropped) a block it was asked to
     /// serve: the peer's queue has room again.
     BlockSent {
@@ -320,6 +328,12 @@ impl Exchange {
             ExchangeInput::Stream { file, from } => {
                 if let Some(swarm) = self.swarms.get_mut(&file) {
                     swarm.set_streaming(from);
+                    swarm.refill_all(now, &mut self.out);
+                }
+            }
+            ExchangeInput::Priority { file, priority } => {
+                if let Some(swarm) = self.swarms.get_mut(&file) {
+                    swarm.set_priority(priority);
                     swarm.refill_all(now, &mut self.out);
                 }
             }

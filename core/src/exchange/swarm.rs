@@ -135,6 +135,12 @@ impl Swarm {
         self.download.as_ref().and_then(Download::poll_timeout)
     }
 
+    pub(super) fn set_priority(&mut self, priority: u8) {
+        if let Some(download) = &mut self.download {
+            download.set_priority(priority);
+        }
+    }
+
     pub(super) fn set_streaming(&mut self, from: Option<PieceIndex>) {
         if let Some(download) = &mut self.download {
             download.set_streaming(from);

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::content::{Content, Layout, hash_buf_read};
+
 use crate::testkit::{Machine, Network, NodeIndex};
 
 const LATENCY: Duration = Duration::from_millis(20);
@@ -106,14 +107,22 @@ struct Swarm {
 /// Node 0 seeds a file of `pieces` × 64 KiB; nodes 1..=leechers download
 /// it; `corrupt` nodes serve flipped bytes. Every leecher opens a session
 /// with every other node.
-fn swarm(pieces: u32, leechers: usize, corrupt: &[usize], seed: u64) -> Swarm {
+/// A file of `pieces` × 64 KiB of seeded pseudo-random bytes.
+fn test_file(pieces: u32, seed: u64) -> (Vec<u8>, Content, FileManifest) {
     let piece_bytes = 64 * 1024;
     let data: Vec<u8> = (0..pieces as usize * piece_bytes)
         .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17).to_le_bytes()[0] ^ seed as u8)
         .collect();
     let layout = Layout::new(data.len() as u64, piece_bytes as u32).unwrap();
-    let content: Content = hash_buf_read(&data[..], layout).unwrap();
+    let content = hash_buf_read(&data[..], layout).unwrap();
     let manifest = FileManifest::new("movie.bin", &content).unwrap();
+    (data, content, manifest)
+}
+
+fn swarm(pieces: u32, leechers: usize, corrupt: &[usize], seed: u64) -> Swarm {
+    let piece_bytes = 64 * 1024;
+    let (data, content, manifest) = test_file(pieces, seed);
+    let layout = content.layout;
     let file = content.file_id;
     let mut net = Network::new(LATENCY);
     let total = leechers + 1;
@@ -243,4 +252,85 @@ fn a_peer_vanishing_mid_piece_costs_only_a_re_request() {
         assert!(stats.wasted_bytes <= 16 * 16 * 1024, "node {i} wasted {} bytes", stats.wasted_bytes);
         assert_eq!(stats.payload_bytes_received, s.data.len() as u64, "each byte accepted once");
     }
+}
+
+/// Drive one machine by hand and record what it sends.
+struct Probe {
+    exchange: Exchange,
+    choking: std::collections::BTreeMap<u64, bool>,
+    requests: Vec<(ConnId, PieceIndex, u32, u32)>,
+}
+
+impl Probe {
+    fn input(&mut self, now: Instant, input: ExchangeInput) {
+        self.exchange.handle_input(now, input);
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.exchange.poll_output() {
+            if let ExchangeOutput::Send { conn, message } = output {
+                match message {
+                    ExchangeMessage::Choke { .. } => drop(self.choking.insert(conn.0, true)),
+                    ExchangeMessage::Unchoke { .. } => drop(self.choking.insert(conn.0, false)),
+                    ExchangeMessage::Request { piece, offset, length, .. } => {
+                        self.requests.push((conn, piece, offset, length));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn unchoked(&self) -> Vec<u64> {
+        self.choking.iter().filter(|(_, choked)| !**choked).map(|(conn, _)| *conn).collect()
+    }
+}
+
+/// Tit for tat: while downloading, the regular slots go to the peers we
+/// download fastest from, and one more slot is given at random.
+#[test]
+fn rechoke_rewards_the_fastest_uploaders() {
+    let (data, content, manifest) = test_file(64, 4);
+    let layout = content.layout;
+    let file = content.file_id;
+    let mut probe = Probe {
+        exchange: Exchange::new(ExchangeConfig::default(), [7; 32]),
+        choking: Default::default(),
+        requests: Vec::new(),
+    };
+    let t0 = Instant::ZERO;
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: content.piece_hashes.clone(), have: vec![] });
+    for peer in 1..=6u64 {
+        let conn = ConnId(peer);
+        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        for message in
+            [ExchangeMessage::HaveAll { file }, ExchangeMessage::Interested { file }, ExchangeMessage::Unchoke { file }]
+        {
+            probe.input(t0, ExchangeInput::Message { conn, message });
+        }
+    }
+    assert_eq!(probe.unchoked(), vec![1, 2, 3, 4, 5], "free slots go to the first interested peers");
+    // Peer i answers i of our requests.
+    let t1 = t0 + Duration::from_secs(1);
+    let requests = std::mem::take(&mut probe.requests);
+    for peer in 1..=6u64 {
+        let mine = requests.iter().filter(|r| r.0 == ConnId(peer)).take(peer as usize);
+        for &(conn, piece, offset, length) in mine.collect::<Vec<_>>() {
+            let start = layout.piece_offset(piece) as usize + offset as usize;
+            let block = Bytes::copy_from_slice(&data[start..start + length as usize]);
+            let message = ExchangeMessage::Block { file, piece, offset, data: block };
+            probe.input(t1, ExchangeInput::Message { conn, message });
+        }
+    }
+    let rechoke = probe.exchange.poll_timeout().expect("rechoke armed");
+    assert!(rechoke <= t0 + Duration::from_secs(10));
+    probe.exchange.handle_timeout(t0 + Duration::from_secs(10));
+    probe.drain();
+    let unchoked = probe.unchoked();
+    assert_eq!(unchoked.len(), 5, "4 regular + 1 optimistic: {unchoked:?}");
+    for fastest in [3, 4, 5, 6] {
+        assert!(unchoked.contains(&fastest), "peer {fastest} earned a slot: {unchoked:?}");
+    }
+    assert!(unchoked.contains(&1) ^ unchoked.contains(&2), "one optimistic slot among the slowest: {unchoked:?}");
 }

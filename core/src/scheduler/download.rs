@@ -197,7 +197,14 @@ pub struct Download {
     deadlines: BTreeSet<(Instant, PeerSlot, BlockRef)>,
     unverified_bytes: u64,
     streaming_from: Option<PieceIndex>,
+    /// File priority: 0 pauses new requests; 1..=7 scale depth by p/4.
+    priority: u8,
 }
+
+/// Default file priority: depth as measured.
+pub const PRIORITY_NORMAL: u8 = 4;
+/// Highest file priority.
+pub const PRIORITY_MAX: u8 = 7;
 
 impl Download {
     /// A download of a file with this layout; `have` lists pieces already
@@ -223,6 +230,7 @@ impl Download {
             deadlines: BTreeSet::new(),
             unverified_bytes: 0,
             streaming_from: None,
+            priority: PRIORITY_NORMAL,
         }
     }
 
@@ -319,22 +327,34 @@ impl Download {
         self.streaming_from = from;
     }
 
+    /// Set the file's priority (clamped to [`PRIORITY_MAX`]): 0 pauses new
+    /// requests (those in flight complete); otherwise the request depth is
+    /// scaled by `priority / 4`, which is this file's share of each peer's
+    /// upload when several files compete for it.
+    pub fn set_priority(&mut self, priority: u8) {
+        self.priority = priority.min(PRIORITY_MAX);
+    }
+
     /// The request depth for a peer right now (module docs).
     #[must_use]
     pub fn depth(&self, slot: PeerSlot) -> u32 {
         let Some(state) = self.peer(slot) else { return 0 };
+        if self.priority == 0 {
+            return 0;
+        }
         if state.snubbed {
             return 1;
         }
         let config = &self.config;
-        match state.rate.bytes_per_s {
+        let base = match state.rate.bytes_per_s {
             None => config.requests_inflight_initial,
             Some(rate) => {
                 let queue = rate.saturating_mul(config.request_queue_time.as_millis() as u64) / 1000;
                 let blocks = u32::try_from(queue / u64::from(BLOCK_BYTES)).unwrap_or(u32::MAX);
                 blocks.clamp(config.requests_inflight_per_peer_min, config.requests_inflight_per_peer_max)
             }
-        }
+        };
+        (base * u32::from(self.priority) / u32::from(PRIORITY_NORMAL)).clamp(1, config.requests_inflight_per_peer_max)
     }
 
     /// Requests to send to `slot` now, filling its pipeline to its depth.

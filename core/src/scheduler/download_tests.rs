@@ -199,3 +199,15 @@ fn a_departed_owner_leaves_its_piece_to_others() {
     }
     assert!(d.is_complete());
 }
+
+#[test]
+fn priority_pauses_and_scales_the_depth() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    d.set_priority(0);
+    assert!(d.next_requests(A, t(0)).is_empty(), "paused");
+    d.set_priority(7);
+    assert_eq!(d.next_requests(A, t(0)).len(), 8 * 7 / 4, "high priority asks for more");
+    d.set_priority(1);
+    assert_eq!(d.depth(A), 2);
+}

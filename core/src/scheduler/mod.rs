@@ -17,7 +17,7 @@ pub mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use download::{BlockAccepted, BlockError, BlockRef, Download, DownloadConfig};
+pub use download::{BlockAccepted, BlockError, BlockRef, Download, DownloadConfig, PRIORITY_MAX, PRIORITY_NORMAL};
 pub use picker::{PickerError, PiecePicker, PieceState};
 
 /// A small per-file index for a connected peer, assigned by the exchange,
