@@ -436,6 +436,77 @@ impl MerkleTree {
     }
 }
 
+impl MerkleTree {
+    /// The proof for the aligned range of hashes `first..first + count`
+    /// (`count` a power of two, `first` a multiple of it; the last range
+    /// may be cut short by the end of the file). Such a range is exactly
+    /// the subtree under one node at level `log2(count)`, so one sibling
+    /// path from that node to the root proves the whole batch.
+    #[must_use]
+    pub fn range_proof(&self, first: PieceIndex, count: u32) -> Option<MerkleProof> {
+        let leaves = self.levels.first()?.len() as u64;
+        if !count.is_power_of_two() || !first.0.is_multiple_of(count) || u64::from(first.0) >= leaves {
+            return None;
+        }
+        let top = self.levels.len() - 1;
+        let level = (count.trailing_zeros() as usize).min(top);
+        let mut i = (first.0 >> count.trailing_zeros()) as usize;
+        let mut siblings = Vec::new();
+        for nodes in &self.levels[level..top] {
+            let sibling = i ^ 1;
+            if sibling < nodes.len() {
+                siblings.push(nodes[sibling]);
+            }
+            i /= 2;
+        }
+        Some(MerkleProof { siblings })
+    }
+}
+
+/// Check a batch of piece hashes against the root with a
+/// [`MerkleTree::range_proof`]. `hashes` must be the whole aligned range
+/// `first..min(first + count, piece_count)`. Never panics.
+#[must_use]
+pub fn verify_range(
+    root: &MerkleRoot,
+    piece_count: u32,
+    first: PieceIndex,
+    count: u32,
+    hashes: &[PieceHash],
+    proof: &MerkleProof,
+) -> bool {
+    if !count.is_power_of_two() || !first.0.is_multiple_of(count) || first.0 >= piece_count {
+        return false;
+    }
+    let expected = count.min(piece_count - first.0) as usize;
+    if hashes.len() != expected || proof.siblings.len() > PROOF_SIBLINGS_MAX {
+        return false;
+    }
+    // Fold the range to its subtree root; pairing inside an aligned range
+    // is the global pairing.
+    let mut level: Vec<[u8; 32]> = hashes.iter().map(leaf_hash).collect();
+    while level.len() > 1 {
+        level = next_level(&level);
+    }
+    let mut node = level[0];
+    let shift = count.trailing_zeros();
+    let mut i = u64::from(first.0 >> shift);
+    let mut width = u64::from(piece_count).div_ceil(1u64 << shift);
+    let mut siblings = proof.siblings.iter();
+    while width > 1 {
+        if i % 2 == 1 {
+            let Some(left) = siblings.next() else { return false };
+            node = inner_hash(left, &node);
+        } else if i + 1 < width {
+            let Some(right) = siblings.next() else { return false };
+            node = inner_hash(&node, right);
+        }
+        i /= 2;
+        width = width.div_ceil(2);
+    }
+    siblings.next().is_none() && node == root.0
+}
+
 /// Longest proof accepted: a tree over `u32::MAX` leaves has 32 levels.
 pub const PROOF_SIBLINGS_MAX: usize = 32;
 
@@ -646,6 +717,40 @@ mod tests {
                     prop_assert!(!verify_proof(&tree.root(), count, PieceIndex(other), &hashes[i as usize], &proof));
                 }
             }
+        }
+
+        /// Every aligned batch of every size verifies, and no batch
+        /// verifies at another position or with one hash changed.
+        #[test]
+        fn range_proofs_verify_whole_batches(count in 1u32..200, shift in 0u32..9, flip in any::<usize>()) {
+            let hashes: Vec<_> = (0..count).map(|i| PieceHash(sha(&[&i.to_le_bytes()]))).collect();
+            let tree = MerkleTree::new(&hashes);
+            let batch = 1u32 << shift;
+            for first in (0..count).step_by(batch as usize) {
+                let end = (first + batch).min(count) as usize;
+                let proof = tree.range_proof(PieceIndex(first), batch).unwrap();
+                let range = &hashes[first as usize..end];
+                prop_assert!(verify_range(&tree.root(), count, PieceIndex(first), batch, range, &proof));
+                let mut forged = range.to_vec();
+                forged[flip % range.len()].0[0] ^= 1;
+                prop_assert!(!verify_range(&tree.root(), count, PieceIndex(first), batch, &forged, &proof));
+                if first + batch < count {
+                    let next = PieceIndex(first + batch);
+                    prop_assert!(!verify_range(&tree.root(), count, next, batch, range, &proof), "moved batch");
+                }
+            }
+            prop_assert!(tree.range_proof(PieceIndex(1), 2).is_none(), "unaligned");
+            prop_assert!(tree.range_proof(PieceIndex(0), 3).is_none(), "not a power of two");
+        }
+
+        #[test]
+        fn verify_range_never_panics(
+            count in any::<u32>(), first in any::<u32>(), batch in any::<u32>(),
+            hashes in proptest::collection::vec(any::<[u8; 32]>(), 0..20),
+            siblings in proptest::collection::vec(any::<[u8; 32]>(), 0..40),
+        ) {
+            let hashes: Vec<_> = hashes.into_iter().map(PieceHash).collect();
+            let _ = verify_range(&MerkleRoot([0; 32]), count, PieceIndex(first), batch, &hashes, &MerkleProof { siblings });
         }
 
         #[test]

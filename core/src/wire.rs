@@ -179,16 +179,6 @@ pub enum Request {
         /// The file.
         file: FileId,
     },
-    /// Piece hashes `first..first + count` of `file`, with inclusion proofs
-    /// (for manifests too large to carry them inline).
-    PieceHashes {
-        /// The file.
-        file: FileId,
-        /// First piece wanted.
-        first: PieceIndex,
-        /// How many.
-        count: u32,
-    },
 }
 
 /// Error codes a responder may answer with.
@@ -227,17 +217,6 @@ pub enum Response {
         providers: Vec<Contact>,
         /// Closer contacts to continue the lookup.
         closer: Vec<Contact>,
-    },
-    /// Answer to `PieceHashes`: one proof per hash.
-    PieceHashes {
-        /// The file.
-        file: FileId,
-        /// Index of the first hash.
-        first: PieceIndex,
-        /// The hashes.
-        hashes: Vec<PieceHash>,
-        /// An inclusion proof per hash.
-        proofs: Vec<MerkleProof>,
     },
     /// The request failed.
     Error {
@@ -408,6 +387,30 @@ pub enum ExchangeMessage {
         /// Length.
         length: u32,
     },
+    /// Ask for the piece hashes `first..first + count` (an aligned
+    /// power-of-two batch) when the manifest did not carry them.
+    HashRequest {
+        /// The file.
+        file: FileId,
+        /// First piece of the batch.
+        first: PieceIndex,
+        /// Batch size.
+        count: u32,
+    },
+    /// The answer to a `HashRequest`: the batch and one Merkle range proof
+    /// for it; an empty `hashes` means the sender does not know them.
+    Hashes {
+        /// The file.
+        file: FileId,
+        /// First piece of the batch.
+        first: PieceIndex,
+        /// Batch size as requested.
+        count: u32,
+        /// The hashes, `min(count, pieces - first)` of them.
+        hashes: Vec<PieceHash>,
+        /// Proof from the batch's subtree to the root.
+        proof: MerkleProof,
+    },
     /// The sender will not serve requests for `file` for now.
     Choke {
         /// The file.
@@ -470,6 +473,8 @@ impl ExchangeMessage {
             | Self::Block { file, .. }
             | Self::Cancel { file, .. }
             | Self::Reject { file, .. }
+            | Self::HashRequest { file, .. }
+            | Self::Hashes { file, .. }
             | Self::Choke { file }
             | Self::Unchoke { file } => *file,
         }

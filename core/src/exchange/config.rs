@@ -33,6 +33,9 @@ pub struct ExchangeConfig {
     pub requests_queued_per_peer_max: u32,
     /// Failed pieces a peer may send before it is banned from the file.
     pub strikes_max: u32,
+    /// Piece hashes asked for in one `HashRequest` (a power of two):
+    /// 512 × 32 B = 16 KiB plus one proof path per batch.
+    pub hash_batch_max: u32,
     /// Requests while choked we tolerate (they race a choke on the wire)
     /// before treating a peer as misbehaving.
     pub choked_requests_max: u32,
@@ -50,6 +53,7 @@ impl Default for ExchangeConfig {
             optimistic_unchoke_interval: Duration::from_secs(30),
             requests_queued_per_peer_max: 256,
             strikes_max: 3,
+            hash_batch_max: 512,
             choked_requests_max: 64,
         }
     }

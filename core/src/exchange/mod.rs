@@ -80,8 +80,10 @@ pub enum ExchangeInput {
     Download {
         /// Its validated manifest.
         manifest: FileManifest,
-        /// Its piece hashes.
-        piece_hashes: Vec<PieceHash>,
+        /// Its piece hashes, if known (from the manifest, or kept from an
+        /// earlier fetch); otherwise they are fetched from peers with
+        /// Merkle range proofs before any block.
+        piece_hashes: Option<Vec<PieceHash>>,
         /// Pieces already stored and verified (resume).
         have: Vec<PieceIndex>,
     },
@@ -182,6 +184,10 @@ pub enum Violation {
     RequestFlood,
     /// A message for a file before any session for it.
     NoSession,
+    /// Piece hashes we did not ask for.
+    UnsolicitedHashes,
+    /// Piece hashes whose proof does not lead to the file's root: forged.
+    BadHashes,
 }
 
 /// Observable exchange events.
@@ -318,9 +324,10 @@ impl Exchange {
             ExchangeInput::PeerDisconnected { conn } => self.close_conn(now, conn),
             ExchangeInput::Message { conn, message } => self.on_message(now, conn, message),
             ExchangeInput::Seed { manifest, piece_hashes } => {
-                self.add_swarm(now, &manifest, piece_hashes, None);
+                self.add_swarm(now, &manifest, Some(piece_hashes), None);
             }
             ExchangeInput::Download { manifest, piece_hashes, have } => {
+                let piece_hashes = piece_hashes.or_else(|| manifest.piece_hashes.clone());
                 self.add_swarm(now, &manifest, piece_hashes, Some(have));
             }
             ExchangeInput::Remove { file } => self.remove_swarm(file),
@@ -383,7 +390,7 @@ impl Exchange {
         &mut self,
         now: Instant,
         manifest: &FileManifest,
-        piece_hashes: Vec<PieceHash>,
+        piece_hashes: Option<Vec<PieceHash>>,
         have: Option<Vec<PieceIndex>>,
     ) {
         let Ok(file) = manifest.validate() else { return };
@@ -395,14 +402,18 @@ impl Exchange {
             return;
         }
         let Ok(layout) = manifest.layout() else { return };
-        if piece_hashes.len() as u64 != u64::from(layout.piece_count())
-            || crate::content::merkle_root(&piece_hashes) != manifest.root
+        if let Some(hashes) = &piece_hashes
+            && (hashes.len() as u64 != u64::from(layout.piece_count())
+                || crate::content::merkle_root(hashes) != manifest.root)
         {
             return; // hashes that do not certify this file are never used
         }
+        if piece_hashes.is_none() && have.is_none() {
+            return; // a seed knows its hashes
+        }
         let mut seed = [0u8; 32];
         rand::Rng::fill_bytes(&mut self.rng, &mut seed);
-        let swarm = Swarm::new(file, layout, piece_hashes, have, &self.config, seed);
+        let swarm = Swarm::new(file, layout, manifest.root, piece_hashes, have, &self.config, seed);
         self.swarms.insert(file, swarm);
         self.arm_choker(now);
     }

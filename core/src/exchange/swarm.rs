@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
 use super::{ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, Violation};
-use crate::content::{BLOCK_BYTES, Layout, PieceHash, hash_piece};
+use crate::content::{BLOCK_BYTES, Layout, MerkleProof, MerkleRoot, MerkleTree, PieceHash, hash_piece, verify_range};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::scheduler::{BlockError, BlockRef, Download, PeerSlot};
 use crate::time::Instant;
@@ -41,10 +41,26 @@ struct Session {
     optimistic: bool,
 }
 
+/// Fetching a manifest's piece hashes from peers, batch by batch.
+#[derive(Clone, Debug)]
+struct HashFetch {
+    batch: u32,
+    done: Vec<bool>,
+    /// Batch index -> who was asked and until when.
+    inflight: BTreeMap<u32, (PeerSlot, Instant)>,
+    /// Peers that said they do not know the hashes, or timed out.
+    no_source: BTreeSet<PeerSlot>,
+}
+
 pub(super) struct Swarm {
     file: FileId,
     layout: Layout,
+    root: MerkleRoot,
+    /// All piece hashes; placeholders until `hash_fetch` completes.
     hashes: Vec<PieceHash>,
+    hash_fetch: Option<HashFetch>,
+    /// Built on the first hash request we serve.
+    tree: Option<MerkleTree>,
     /// Our pieces, packed MSB first as on the wire.
     have: Vec<u8>,
     have_count: u32,
@@ -68,16 +84,27 @@ impl Swarm {
     pub(super) fn new(
         file: FileId,
         layout: Layout,
-        hashes: Vec<PieceHash>,
+        root: MerkleRoot,
+        hashes: Option<Vec<PieceHash>>,
         have: Option<Vec<PieceIndex>>,
         config: &ExchangeConfig,
         seed: [u8; 32],
     ) -> Self {
         let pieces = layout.piece_count();
+        let batch = config.hash_batch_max;
+        let hash_fetch = hashes.is_none().then(|| HashFetch {
+            batch,
+            done: vec![false; pieces.div_ceil(batch) as usize],
+            inflight: BTreeMap::new(),
+            no_source: BTreeSet::new(),
+        });
         let mut swarm = Self {
             file,
             layout,
-            hashes,
+            root,
+            hashes: hashes.unwrap_or_else(|| vec![PieceHash::default(); pieces as usize]),
+            hash_fetch,
+            tree: None,
             have: vec![0; pieces.div_ceil(8) as usize],
             have_count: 0,
             download: None,
@@ -132,7 +159,8 @@ impl Swarm {
     }
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
-        self.download.as_ref().and_then(Download::poll_timeout)
+        let hashes = self.hash_fetch.iter().flat_map(|f| f.inflight.values().map(|&(_, at)| at));
+        self.download.as_ref().and_then(Download::poll_timeout).into_iter().chain(hashes).min()
     }
 
     pub(super) fn set_priority(&mut self, priority: u8) {
@@ -210,6 +238,10 @@ impl Swarm {
             // The slot was registered when the session was created.
             let _ = download.remove_peer(slot);
         }
+        if let Some(fetch) = &mut self.hash_fetch {
+            fetch.inflight.retain(|_, (asked, _)| *asked != slot);
+            fetch.no_source.remove(&slot);
+        }
         self.refill_all(now, out);
     }
 
@@ -264,12 +296,17 @@ impl Swarm {
         }
     }
 
-    /// Send requests to fill `slot`'s pipeline.
+    /// Send requests to fill `slot`'s pipeline: hash batches while the
+    /// hashes are unknown, blocks after.
     fn refill(&mut self, now: Instant, slot: PeerSlot, out: &mut VecDeque<ExchangeOutput>) {
-        let Some(download) = &mut self.download else { return };
         if !self.sessions.get(usize::from(slot.0)).is_some_and(Option::is_some) {
             return;
         }
+        if self.hash_fetch.is_some() {
+            self.request_hashes(now, slot, out);
+            return;
+        }
+        let Some(download) = &mut self.download else { return };
         for block in download.next_requests(slot, now) {
             let length = self.layout.block_len(block.piece, block.block);
             let message =
@@ -300,7 +337,107 @@ impl Swarm {
         }
     }
 
+    /// Ask `slot` for the next missing hash batch, one batch per peer at
+    /// a time, from peers that announced pieces (so may know the hashes).
+    /// Hash requests are metadata: not subject to choking (as BEP 9).
+    fn request_hashes(&mut self, now: Instant, slot: PeerSlot, out: &mut VecDeque<ExchangeOutput>) {
+        let has_pieces = self.download.as_ref().is_some_and(|d| d.picker().peer_piece_count(slot) > 0);
+        let timeout = self.config.download.request_timeout_min;
+        let Some(fetch) = &mut self.hash_fetch else { return };
+        if !has_pieces || fetch.no_source.contains(&slot) || fetch.inflight.values().any(|&(s, _)| s == slot) {
+            return;
+        }
+        let Some(batch) =
+            (0..fetch.done.len() as u32).find(|b| !fetch.done[*b as usize] && !fetch.inflight.contains_key(b))
+        else {
+            return;
+        };
+        fetch.inflight.insert(batch, (slot, now + timeout));
+        let (file, count) = (self.file, fetch.batch);
+        self.send(out, slot, ExchangeMessage::HashRequest { file, first: PieceIndex(batch * count), count });
+    }
+
+    /// A peer asks for a batch of piece hashes.
+    fn on_hash_request(
+        &mut self,
+        slot: PeerSlot,
+        first: PieceIndex,
+        count: u32,
+        out: &mut VecDeque<ExchangeOutput>,
+    ) -> Result<After, Violation> {
+        let pieces = self.layout.piece_count();
+        if !count.is_power_of_two()
+            || count > self.config.hash_batch_max
+            || !first.0.is_multiple_of(count)
+            || first.0 >= pieces
+        {
+            return Err(Violation::BadRange);
+        }
+        let file = self.file;
+        let (hashes, proof) = if self.hash_fetch.is_some() {
+            (Vec::new(), MerkleProof::default()) // we do not know them yet
+        } else {
+            let tree = self.tree.get_or_insert_with(|| MerkleTree::new(&self.hashes));
+            let end = (first.0 + count).min(pieces) as usize;
+            let proof = tree.range_proof(first, count).unwrap_or_default();
+            (self.hashes[first.0 as usize..end].to_vec(), proof)
+        };
+        self.send(out, slot, ExchangeMessage::Hashes { file, first, count, hashes, proof });
+        Ok(After::Nothing)
+    }
+
+    /// A batch of hashes arrived: check it against the root.
+    #[allow(clippy::too_many_arguments)]
+    fn on_hashes(
+        &mut self,
+        now: Instant,
+        slot: PeerSlot,
+        first: PieceIndex,
+        count: u32,
+        hashes: Vec<PieceHash>,
+        proof: &MerkleProof,
+        out: &mut VecDeque<ExchangeOutput>,
+    ) -> Result<After, Violation> {
+        let pieces = self.layout.piece_count();
+        let Some(fetch) = &mut self.hash_fetch else { return Err(Violation::UnsolicitedHashes) };
+        let batch = first.0 / fetch.batch.max(1);
+        let asked = fetch.inflight.get(&batch).is_some_and(|&(s, _)| s == slot);
+        if !asked || count != fetch.batch || !first.0.is_multiple_of(fetch.batch) {
+            return Err(Violation::UnsolicitedHashes);
+        }
+        fetch.inflight.remove(&batch);
+        if hashes.is_empty() {
+            fetch.no_source.insert(slot);
+            self.refill_all(now, out);
+            return Ok(After::Nothing);
+        }
+        if !verify_range(&self.root, pieces, first, count, &hashes, proof) {
+            return Err(Violation::BadHashes);
+        }
+        fetch.done[batch as usize] = true;
+        let start = first.0 as usize;
+        self.hashes[start..start + hashes.len()].copy_from_slice(&hashes);
+        if fetch.done.iter().all(|&d| d) {
+            self.hash_fetch = None;
+            self.refill_all(now, out);
+        } else {
+            self.refill(now, slot, out);
+        }
+        Ok(After::Nothing)
+    }
+
     pub(super) fn expire_requests(&mut self, now: Instant, out: &mut VecDeque<ExchangeOutput>) {
+        if let Some(fetch) = &mut self.hash_fetch {
+            let expired: Vec<(u32, PeerSlot)> =
+                fetch.inflight.iter().filter(|(_, (_, at))| *at <= now).map(|(&b, &(s, _))| (b, s)).collect();
+            for (batch, slot) in &expired {
+                fetch.inflight.remove(batch);
+                fetch.no_source.insert(*slot);
+            }
+            if !expired.is_empty() {
+                self.refill_all(now, out);
+            }
+        }
         let Some(download) = &mut self.download else { return };
         let expired = download.handle_timeout(now);
         if expired.is_empty() {
@@ -328,8 +465,15 @@ impl Swarm {
         stats: &mut ExchangeStats,
     ) -> Result<After, Violation> {
         let pieces = self.layout.piece_count();
-        if let ExchangeMessage::Request { piece, offset, length, .. } = message {
-            return self.on_request(slot, piece, offset, length, out, stats);
+        match message {
+            ExchangeMessage::Request { piece, offset, length, .. } => {
+                return self.on_request(slot, piece, offset, length, out, stats);
+            }
+            ExchangeMessage::HashRequest { first, count, .. } => return self.on_hash_request(slot, first, count, out),
+            ExchangeMessage::Hashes { first, count, hashes, proof, .. } => {
+                return self.on_hashes(now, slot, first, count, hashes, &proof, out);
+            }
+            _ => {}
         }
         let Some(session) = self.session_mut(slot) else { return Err(Violation::NoSession) };
         match message {
@@ -387,7 +531,9 @@ impl Swarm {
                 }
                 self.refill(now, slot, out);
             }
-            ExchangeMessage::Request { .. } => unreachable!("handled above"),
+            ExchangeMessage::Request { .. } | ExchangeMessage::HashRequest { .. } | ExchangeMessage::Hashes { .. } => {
+                unreachable!("handled above")
+            }
             ExchangeMessage::Cancel { .. } => {
                 // The driver sends queued blocks in order; a block already
                 // handed over is sent anyway and counted as waste by the

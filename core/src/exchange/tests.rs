@@ -26,6 +26,8 @@ struct Peer {
     layout: Layout,
     /// Serves every block with its bytes flipped.
     corrupt: bool,
+    /// Serves forged piece hashes.
+    forge_hashes: bool,
     outbox: VecDeque<(NodeIndex, Wire)>,
     events: Vec<(Instant, ExchangeEvent)>,
 }
@@ -34,8 +36,14 @@ impl Peer {
     fn pump(&mut self, now: Instant) {
         while let Some(output) = self.exchange.poll_output() {
             match output {
-                ExchangeOutput::Send { conn, message } => {
-                    self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)))
+                ExchangeOutput::Send { conn, mut message } => {
+                    if let ExchangeMessage::Hashes { hashes, .. } = &mut message
+                        && self.forge_hashes
+                        && let Some(first) = hashes.first_mut()
+                    {
+                        first.0[0] ^= 1;
+                    }
+                    self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)));
                 }
                 ExchangeOutput::ServeBlock { conn, file, piece, offset, length } => {
                     let data = self.pieces[piece.0 as usize].as_ref().expect("served pieces are stored");
@@ -104,9 +112,6 @@ struct Swarm {
     file: FileId,
 }
 
-/// Node 0 seeds a file of `pieces` × 64 KiB; nodes 1..=leechers download
-/// it; `corrupt` nodes serve flipped bytes. Every leecher opens a session
-/// with every other node.
 /// A file of `pieces` × 64 KiB of seeded pseudo-random bytes.
 fn test_file(pieces: u32, seed: u64) -> (Vec<u8>, Content, FileManifest) {
     let piece_bytes = 64 * 1024;
@@ -119,18 +124,48 @@ fn test_file(pieces: u32, seed: u64) -> (Vec<u8>, Content, FileManifest) {
     (data, content, manifest)
 }
 
+/// How a test swarm is built.
+#[derive(Default)]
+struct Setup {
+    pieces: u32,
+    leechers: usize,
+    /// Nodes that serve flipped block bytes.
+    corrupt: Vec<usize>,
+    /// Nodes that serve forged hash batches.
+    forge_hashes: Vec<usize>,
+    /// Leechers start from a manifest without piece hashes.
+    fetch_hashes: bool,
+    seed: u64,
+}
+
+/// Node 0 seeds a file of `pieces` × 64 KiB; nodes 1..=leechers download
+/// it; `corrupt` nodes serve flipped bytes. Every leecher opens a session
+/// with every other node.
 fn swarm(pieces: u32, leechers: usize, corrupt: &[usize], seed: u64) -> Swarm {
+    swarm_with(Setup { pieces, leechers, corrupt: corrupt.to_vec(), seed, ..Setup::default() })
+}
+
+fn swarm_with(setup: Setup) -> Swarm {
+    let Setup { pieces, leechers, seed, .. } = setup;
     let piece_bytes = 64 * 1024;
     let (data, content, manifest) = test_file(pieces, seed);
     let layout = content.layout;
     let file = content.file_id;
+    let mut config = ExchangeConfig::default();
+    if setup.fetch_hashes {
+        config.hash_batch_max = 16;
+    }
+    let mut leech_manifest = manifest.clone();
+    if setup.fetch_hashes {
+        leech_manifest.piece_hashes = None;
+    }
     let mut net = Network::new(LATENCY);
     let total = leechers + 1;
     for index in 0..total {
         let mut rng_seed = [0u8; 32];
         rng_seed[..8].copy_from_slice(&seed.to_le_bytes());
         rng_seed[8..16].copy_from_slice(&(index as u64).to_le_bytes());
-        let mut exchange = Exchange::new(ExchangeConfig::default(), rng_seed);
+        let mut exchange = Exchange::new(config.clone(), rng_seed);
         let seeding = index == 0;
         let pieces_held = if seeding {
             data.chunks(piece_bytes).map(|c| Some(Bytes::copy_from_slice(c))).collect()
@@ -140,11 +175,7 @@ fn swarm(pieces: u32, leechers: usize, corrupt: &[usize], seed: u64) -> Swarm {
         let input = if seeding {
             ExchangeInput::Seed { manifest: manifest.clone(), piece_hashes: content.piece_hashes.clone() }
         } else {
-            ExchangeInput::Download {
-                manifest: manifest.clone(),
-                piece_hashes: content.piece_hashes.clone(),
-                have: Vec::new(),
-            }
+            ExchangeInput::Download { manifest: leech_manifest.clone(), piece_hashes: None, have: Vec::new() }
         };
         exchange.handle_input(Instant::ZERO, input);
         for other in (0..total).filter(|&o| o != index) {
@@ -157,7 +188,8 @@ fn swarm(pieces: u32, leechers: usize, corrupt: &[usize], seed: u64) -> Swarm {
             exchange,
             pieces: pieces_held,
             layout,
-            corrupt: corrupt.contains(&index),
+            corrupt: setup.corrupt.contains(&index),
+            forge_hashes: setup.forge_hashes.contains(&index),
             outbox: VecDeque::new(),
             events: Vec::new(),
         });
@@ -300,7 +332,7 @@ fn rechoke_rewards_the_fastest_uploaders() {
         requests: Vec::new(),
     };
     let t0 = Instant::ZERO;
-    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: content.piece_hashes.clone(), have: vec![] });
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
     for peer in 1..=6u64 {
         let conn = ConnId(peer);
         probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
@@ -333,4 +365,36 @@ fn rechoke_rewards_the_fastest_uploaders() {
         assert!(unchoked.contains(&fastest), "peer {fastest} earned a slot: {unchoked:?}");
     }
     assert!(unchoked.contains(&1) ^ unchoked.contains(&2), "one optimistic slot among the slowest: {unchoked:?}");
+}
+
+/// A manifest without hashes: leechers fetch them in proven batches (from
+/// the seed and from each other) before any block; a peer serving forged
+/// batches is disconnected and nobody is misled.
+#[test]
+fn piece_hashes_are_fetched_with_proofs_and_forgeries_rejected() {
+    let forger = 3;
+    let mut s = swarm_with(Setup {
+        pieces: 64,
+        leechers: 10,
+        forge_hashes: vec![forger],
+        fetch_hashes: true,
+        seed: 5,
+        ..Setup::default()
+    });
+    let honest: Vec<usize> = (1..=10).filter(|&i| i != forger).collect();
+    let done = s.net.run_until_with(Instant::ZERO + Duration::from_secs(600), |n| all_complete(n, &honest, &s.file));
+    assert!(done, "leechers without inline hashes did not complete");
+    let mut forgeries = 0;
+    for &i in &honest {
+        let peer = s.net.node(i);
+        assert_eq!(peer.content().as_deref(), Some(&s.data[..]), "node {i} holds the file");
+        assert_eq!(peer.exchange.stats().pieces_failed, 0, "hashes were right before any piece was checked");
+        forgeries += peer
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, ExchangeEvent::ProtocolViolation { violation: Violation::BadHashes, node, .. } if *node == node_id(forger)))
+            .count();
+    }
+    assert!(forgeries >= 1, "the forger was caught");
+    eprintln!("hash fetch: forger caught by {forgeries} peers");
 }

@@ -64,16 +64,10 @@ fn arb_request() -> impl Strategy<Value = Request> {
         (arb_key(), arb_record()).prop_map(|(key, record)| Request::Store { key, record }),
         (arb_file(), arb_contact()).prop_map(|(file, provider)| Request::AddProvider { file, provider }),
         arb_file().prop_map(|file| Request::GetProviders { file }),
-        (arb_file(), arb_piece(), any::<u32>()).prop_map(|(file, first, count)| Request::PieceHashes {
-            file,
-            first,
-            count
-        }),
     ]
 }
 
 fn arb_response() -> impl Strategy<Value = Response> {
-    let proof = vec(arb_key(), 0..12).prop_map(|siblings| MerkleProof { siblings });
     prop_oneof![
         Just(Response::Pong),
         vec(arb_contact(), 0..20).prop_map(|closer| Response::Nodes { closer }),
@@ -81,9 +75,6 @@ fn arb_response() -> impl Strategy<Value = Response> {
         Just(Response::Stored),
         (vec(arb_contact(), 0..8), vec(arb_contact(), 0..8))
             .prop_map(|(providers, closer)| Response::Providers { providers, closer }),
-        (arb_file(), arb_piece(), vec(arb_key(), 0..8), vec(proof, 0..8)).prop_map(|(file, first, hashes, proofs)| {
-            Response::PieceHashes { file, first, hashes: hashes.into_iter().map(PieceHash).collect(), proofs }
-        }),
         prop_oneof![Just(ErrorCode::NotFound), Just(ErrorCode::Invalid), Just(ErrorCode::Overloaded)]
             .prop_map(|code| Response::Error { code }),
     ]
@@ -136,6 +127,20 @@ fn arb_exchange() -> impl Strategy<Value = ExchangeMessage> {
         ),
         span().prop_map(|(file, piece, offset, length)| ExchangeMessage::Cancel { file, piece, offset, length }),
         span().prop_map(|(file, piece, offset, length)| ExchangeMessage::Reject { file, piece, offset, length }),
+        (arb_file(), arb_piece(), any::<u32>()).prop_map(|(file, first, count)| ExchangeMessage::HashRequest {
+            file,
+            first,
+            count
+        }),
+        (arb_file(), arb_piece(), any::<u32>(), vec(arb_key(), 0..8), vec(arb_key(), 0..12)).prop_map(
+            |(file, first, count, hashes, siblings)| ExchangeMessage::Hashes {
+                file,
+                first,
+                count,
+                hashes: hashes.into_iter().map(PieceHash).collect(),
+                proof: MerkleProof { siblings },
+            }
+        ),
         arb_file().prop_map(|file| ExchangeMessage::Choke { file }),
         arb_file().prop_map(|file| ExchangeMessage::Unchoke { file }),
     ]
