@@ -455,9 +455,10 @@ impl Download {
         (!rates.is_empty()).then(|| rates.iter().sum::<u64>() / rates.len() as u64)
     }
 
+    /// Whether a piece owner is far slower than average. An owner without
+    /// a rate sample yet is given the benefit of the doubt.
     fn is_slow(&self, owner: PeerSlot, average: Option<u64>) -> bool {
-        let Some(average) = average else { return false };
-        let owner_rate = self.rate(owner).unwrap_or(0);
+        let (Some(average), Some(owner_rate)) = (average, self.rate(owner)) else { return false };
         owner_rate.saturating_mul(u64::from(self.config.slow_peer_ratio)) < average
     }
 

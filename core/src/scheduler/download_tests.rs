@@ -211,3 +211,50 @@ fn priority_pauses_and_scales_the_depth() {
     d.set_priority(1);
     assert_eq!(d.depth(A), 2);
 }
+
+/// A piece owned by a peer far slower than average loses its free blocks
+/// to a fast peer, once both rates are measured.
+#[test]
+fn a_slow_owner_loses_its_piece_to_a_fast_peer() {
+    // 4 pieces of 16 blocks: a slow owner with depth 2 leaves 14 free.
+    let layout = Layout::new(4 * 256 * 1024, 256 * 1024).unwrap();
+    let config = DownloadConfig { requests_inflight_initial: 2, ..DownloadConfig::default() };
+    let mut d = Download::new(layout, 4, config, [], &mut ChaCha8Rng::seed_from_u64(2));
+    seed(&mut d, B);
+    let mut b_queue = d.next_requests(B, t(0));
+    let slow_piece = b_queue[0].piece;
+    seed(&mut d, A);
+    let mut a_queue = d.next_requests(A, t(0));
+    let mut taken_at = None;
+    for tick in 1..=100u64 {
+        let now = t(tick * 100);
+        // A answers two blocks every 100 ms, B one block every 1.5 s.
+        let answered: Vec<BlockRef> = a_queue.drain(..2.min(a_queue.len())).collect();
+        for block in answered {
+            if d.on_block(A, block, now).is_ok_and(|a| a.piece_complete) {
+                d.piece_passed(block.piece);
+            }
+        }
+        if tick % 15 == 0 {
+            b_queue.extend(d.next_requests(B, now));
+            if let Some(block) = b_queue.first().copied() {
+                b_queue.remove(0);
+                // In endgame A may have delivered B's block first.
+                if d.on_block(B, block, now).is_ok_and(|a| a.piece_complete) {
+                    d.piece_passed(block.piece);
+                }
+            }
+        }
+        let requests = d.next_requests(A, now);
+        if taken_at.is_none() && requests.iter().any(|b| b.piece == slow_piece) {
+            taken_at = Some(now);
+            assert!(d.rate(B).is_some(), "taken over only once B's rate is known");
+        }
+        a_queue.extend(requests);
+        if d.is_complete() {
+            break;
+        }
+    }
+    let taken_at = taken_at.expect("A took over the slow owner's piece");
+    assert!(taken_at < t(10_000), "takeover at {taken_at:?}");
+}
