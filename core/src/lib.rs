@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod content;
+pub mod gossip;
 pub mod ids;
 pub mod manifest;
 #[cfg(any(test, feature = "testkit"))]
