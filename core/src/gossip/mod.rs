@@ -50,6 +50,9 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod network_tests;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
