@@ -161,6 +161,11 @@ impl MessageCache {
         evicted
     }
 
+    /// The cached message `id`.
+    pub(super) fn get(&self, id: &MessageId) -> Option<&CachedMessage> {
+        self.messages.get(id)
+    }
+
     /// Whether `id` is cached.
     #[cfg(test)]
     pub(super) fn contains(&self, id: &MessageId) -> bool {

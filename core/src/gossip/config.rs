@@ -36,14 +36,16 @@ pub struct GossipConfig {
     /// (libp2p `history_gossip` = 3). At most `message_cache_heartbeats`.
     pub message_cache_gossip_heartbeats: usize,
     /// Messages held in the message cache; the oldest are evicted first.
-    /// 100 messages/s for 5 heartbeats is 500; 4096 leaves headroom.
+    /// `peer_messages_per_s` (500/s) for 5 heartbeats is 2500.
     pub message_cache_entries_max: usize,
     /// How long a message id is remembered, so a message is delivered once
     /// (libp2p `duplicate_cache_time` = 60 s).
     pub seen_ttl_ms: u64,
     /// Ids in the seen cache; the oldest are evicted first and counted. An
     /// evicted message that comes back is delivered again, so this must
-    /// exceed the message rate times `seen_ttl_ms` (100/s * 60 s = 6000).
+    /// exceed the message rate times the time duplicates keep arriving: the
+    /// mesh delivers them within a second, IWANT within
+    /// `message_cache_heartbeats`; 32768 covers 60 s at over 500/s.
     pub seen_entries_max: usize,
     /// How long fanout peers for a topic we publish to without subscribing
     /// are kept after the last publish (libp2p `fanout_ttl` = 60 s).
@@ -85,7 +87,10 @@ pub struct GossipConfig {
     pub prune_peers_max: usize,
     /// Sustained gossip frames per second accepted from one peer; over this
     /// a frame is dropped and penalised. Stands in for libp2p's per-RPC
-    /// limits and score, which Shoal does not have.
+    /// limits and score, which Shoal does not have. A mesh peer forwards
+    /// every message of our topics once, so this must exceed the
+    /// network-wide publish rate (joins, shares and seeding changes of all
+    /// nodes) plus a few control frames, or honest peers get penalised.
     pub peer_messages_per_s: u64,
     /// Token-bucket depth for `peer_messages_per_s`: a burst this big is
     /// accepted from an idle peer.
@@ -109,6 +114,12 @@ pub struct GossipConfig {
     pub file_index_entries_max: usize,
     /// Results returned by one `search`.
     pub search_results_max: usize,
+    /// Local publishes that found no peer to send to, held and sent at the
+    /// next heartbeats once peers are known (a joining node's own Peers
+    /// notice is published before any peer's SUBSCRIBE has arrived); the
+    /// oldest is dropped and counted. rust-libp2p instead fails such a
+    /// publish with `InsufficientPeers` and leaves the retry to the caller.
+    pub publish_pending_max: usize,
     /// Outputs queued between drains; overflow is dropped and counted (the
     /// driver drains after every input, so this is a safety net).
     pub output_queue_max: usize,
@@ -127,7 +138,7 @@ impl Default for GossipConfig {
             message_cache_gossip_heartbeats: 3,
             message_cache_entries_max: 4096,
             seen_ttl_ms: 60_000,
-            seen_entries_max: 16_384,
+            seen_entries_max: 32_768,
             fanout_ttl_ms: 60_000,
             prune_backoff_s: 60,
             prune_backoff_s_max: 3600,
@@ -141,8 +152,8 @@ impl Default for GossipConfig {
             iwant_followup_ms: 3000,
             iwant_pending_max: 4096,
             prune_peers_max: 16,
-            peer_messages_per_s: 100,
-            peer_messages_burst: 200,
+            peer_messages_per_s: 500,
+            peer_messages_burst: 1000,
             penalty_graylist: 10,
             penalty_disconnect: 50,
             penalty_decay_per_heartbeat: 1,
@@ -151,6 +162,7 @@ impl Default for GossipConfig {
             penalty_graft_in_backoff: 2,
             file_index_entries_max: 10_000,
             search_results_max: 100,
+            publish_pending_max: 64,
             output_queue_max: 65_536,
         }
     }

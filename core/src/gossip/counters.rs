@@ -14,6 +14,11 @@ pub struct GossipCounters {
     /// Local publishes that found no peer to send to (they still reach
     /// peers later through IHAVE).
     pub publish_no_peers: u64,
+    /// Held local publishes sent at a later heartbeat.
+    pub publish_sent_late: u64,
+    /// Held local publishes dropped (queue full, or evicted from the
+    /// message cache before any peer was known).
+    pub publish_pending_dropped: u64,
     /// PUBLISH frames received (first copies and duplicates).
     pub messages_received: u64,
     /// First copies delivered to the application.

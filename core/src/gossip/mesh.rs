@@ -166,6 +166,7 @@ impl Gossip {
             self.repair_mesh(now, topic);
         }
         self.maintain_fanout(now);
+        self.flush_unsent(now);
         self.emit_gossip();
         self.cache.shift();
     }

@@ -199,6 +199,8 @@ pub struct Gossip {
     /// `iwant_pending_max`.
     iwant_pending: BTreeMap<MessageId, Instant>,
     index: FileIndex,
+    /// Local publishes that found no peer yet; at most `publish_pending_max`.
+    unsent: VecDeque<MessageId>,
     next_seq: u64,
     next_heartbeat: Instant,
     outputs: VecDeque<GossipOutput>,
@@ -312,6 +314,7 @@ impl Gossip {
             fanout: BTreeMap::new(),
             backoff: BTreeMap::new(),
             iwant_pending: BTreeMap::new(),
+            unsent: VecDeque::new(),
             next_seq,
             next_heartbeat: now + millis(first_heartbeat_ms),
             outputs: VecDeque::new(),
@@ -451,6 +454,11 @@ impl Gossip {
                 if let Some(peer) = self.peers.get_mut(&conn) {
                     peer.topics.insert(topic);
                 }
+                // A held publish can go as soon as one subscriber is known,
+                // rather than wait up to a heartbeat.
+                if !self.unsent.is_empty() {
+                    self.flush_unsent(now);
+                }
             }
             GossipMessage::Unsubscribe(topic) => {
                 if let Some(peer) = self.peers.get_mut(&conn) {
@@ -550,6 +558,13 @@ impl Gossip {
         let targets = self.publish_targets(now, topic);
         if targets.is_empty() {
             self.counters.publish_no_peers += 1;
+            if self.unsent.len() >= self.config.publish_pending_max {
+                self.counters.publish_pending_dropped += 1;
+                self.unsent.pop_front();
+            }
+            if self.config.publish_pending_max > 0 {
+                self.unsent.push_back(id);
+            }
         }
         let message = GossipMessage::Publish { topic, origin: self.local, seq, payload };
         for &target in &targets {
@@ -557,6 +572,27 @@ impl Gossip {
         }
         self.counters.published += 1;
         self.event(GossipEvent::Published { topic, id, peers: targets.len() });
+    }
+
+    /// Send held local publishes now that peers may be known (on a peer's
+    /// SUBSCRIBE, and by the heartbeat after mesh repair).
+    fn flush_unsent(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.unsent) {
+            let Some(message) = self.cache.get(&id) else {
+                self.counters.publish_pending_dropped += 1;
+                continue;
+            };
+            let (topic, wire) = (message.topic, message.to_publish());
+            let targets = self.publish_targets(now, topic);
+            if targets.is_empty() {
+                self.unsent.push_back(id);
+                continue;
+            }
+            self.counters.publish_sent_late += 1;
+            for target in targets {
+                self.send(target, wire.clone());
+            }
+        }
     }
 
     /// Where a local publish goes: the mesh when subscribed, else the

@@ -138,6 +138,7 @@ fn build(seed: u64, warmup: Duration) -> (Network<SimNode>, ChaCha8Rng) {
     }
     for i in (0..NODES).filter(|&i| subscribes(i)) {
         net.with_node(i, |m, now| m.input(now, GossipInput::Subscribe(Topic::Files)));
+        net.with_node(i, |m, now| m.input(now, GossipInput::Subscribe(Topic::Peers)));
     }
     net.run_for(warmup);
     (net, rng)
@@ -323,6 +324,52 @@ fn a_healed_node_fetches_missed_messages_through_ihave_iwant() {
     );
     assert!(all, "missed messages not recovered within 3 heartbeats of the heal");
     assert_eq!(node.gossip.counters().delivered_after_iwant, messages.len() as u64, "recovered by IWANT");
+}
+
+/// A node joins with 8 links and at once announces itself on the Peers
+/// topic, before any peer's SUBSCRIBE has reached it: the notice is held,
+/// sent when the first SUBSCRIBE arrives, and every subscriber learns of it.
+#[test]
+fn a_joining_node_is_announced_to_every_subscriber() {
+    let (mut net, mut rng) = build(19, Duration::from_secs(10));
+    let joiner = net.add(SimNode::new(NODES, 19));
+    let mut links: Vec<NodeIndex> = (0..NODES).collect();
+    links.shuffle(&mut rng);
+    for &peer in &links[..DEGREE_MIN] {
+        let conn = |i: NodeIndex| ConnId(i as u64);
+        net.with_node(joiner, |m, now| {
+            m.input(now, GossipInput::PeerConnected { conn: conn(peer), node: node_id(peer) })
+        });
+        net.with_node(peer, |m, now| {
+            m.input(now, GossipInput::PeerConnected { conn: conn(joiner), node: node_id(joiner) })
+        });
+    }
+    let contact =
+        crate::wire::Contact { id: node_id(joiner), addr: std::net::SocketAddr::from(([10, 0, 1, 244], 7000)) };
+    net.with_node(joiner, |m, now| {
+        m.input(now, GossipInput::Subscribe(Topic::Peers));
+        m.input(now, GossipInput::Publish { topic: Topic::Peers, payload: Announcement::Peer(contact) });
+    });
+    let id = *net.node(joiner).published.last().expect("published");
+    let at = net.now();
+    let everyone =
+        |n: &Network<SimNode>| (0..NODES).filter(|&i| subscribes(i)).all(|i| n.node(i).delivered.contains_key(&id));
+    let all = net.run_until_with(at + Duration::from_secs(5), everyone);
+    let mut delays: Vec<f64> =
+        (0..NODES).filter_map(|i| net.node(i).delivered.get(&id)).map(|&t| (t - at).as_secs_f64() * 1000.0).collect();
+    delays.sort_by(f64::total_cmp);
+    let c = net.node(joiner).gossip.counters();
+    eprintln!(
+        "[gossip join] {} of {} subscribers learned the new node; delay ms p50 {:.0} max {:.0}; held then sent: {}",
+        delays.len(),
+        (0..NODES).filter(|&i| subscribes(i)).count(),
+        percentile(&delays, 50.0),
+        delays.last().copied().unwrap_or(f64::NAN),
+        c.publish_sent_late,
+    );
+    assert_eq!(c.publish_no_peers, 1, "no peer was known to subscribe at publish time");
+    assert_eq!(c.publish_sent_late, 1);
+    assert!(all, "a subscriber never learned of the joining node");
 }
 
 /// Same seed, same run: the delivery log is identical.

@@ -597,3 +597,32 @@ fn file_announcements_feed_a_bounded_searchable_index() {
     assert_eq!(names(rig.gossip.search("linux")), vec!["my linux notes.txt", "linux distro.iso"]);
     assert_eq!(rig.gossip.file_index().len(), 2);
 }
+
+#[test]
+fn a_publish_with_no_known_subscriber_is_held_until_one_appears() {
+    let config = GossipConfig { publish_pending_max: 1, ..GossipConfig::default() };
+    let mut rig = Rig::new(config);
+    rig.connect(1, false);
+    rig.input(GossipInput::Subscribe(Topic::Peers));
+    let out = rig.input(GossipInput::Publish { topic: Topic::Peers, payload: peer_announcement() });
+    assert!(sent(&out, |m| matches!(m, GossipMessage::Publish { .. })).is_empty());
+    // A second held publish pushes the first out of the one-slot queue.
+    let second = Announcement::Peer(Contact { id: node(78), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)) });
+    rig.input(GossipInput::Publish { topic: Topic::Peers, payload: second.clone() });
+    assert_eq!(rig.gossip.counters().publish_no_peers, 2);
+    assert_eq!(rig.gossip.counters().publish_pending_dropped, 1);
+    assert!(
+        rig.heartbeat().iter().all(|o| !matches!(o, GossipOutput::Send { message: GossipMessage::Publish { .. }, .. }))
+    );
+    let out = rig.from(1, GossipMessage::Subscribe(Topic::Peers));
+    let published: Vec<&Announcement> = out
+        .iter()
+        .filter_map(|o| match o {
+            GossipOutput::Send { conn: ConnId(1), message: GossipMessage::Publish { payload, .. } } => Some(payload),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(published, vec![&second], "sent on the first SUBSCRIBE");
+    assert_eq!(rig.gossip.counters().publish_sent_late, 1);
+    assert!(rig.from(1, GossipMessage::Subscribe(Topic::Files)).is_empty(), "sent once");
+}
