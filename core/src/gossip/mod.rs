@@ -446,6 +446,11 @@ impl Gossip {
         }
         if self.is_graylisted(conn) {
             // Spec v1.1 §"Graylisting": ignore everything from the peer.
+            // Its invalid frames still cost points, or a peer sending only
+            // garbage would stall at the graylist and never be disconnected.
+            if self.violation(&message).is_some() {
+                return self.invalid(now, conn);
+            }
             self.counters.graylisted_ignored += 1;
             return;
         }
@@ -478,6 +483,22 @@ impl Gossip {
             }
             GossipMessage::IHave { topic, ids } => self.on_ihave(now, conn, topic, ids),
             GossipMessage::IWant { ids } => self.on_iwant(now, conn, &ids),
+        }
+    }
+
+    /// The first rule `message` breaks, if any: the checks every handler
+    /// makes before acting, gathered for graylisted peers.
+    fn violation(&self, message: &GossipMessage) -> Option<InvalidMessage> {
+        let too_many = |count: usize, max: usize| (count > max).then_some(InvalidMessage::TooManyItems { count, max });
+        match message {
+            GossipMessage::Publish { topic, origin, seq, payload } => {
+                check_message(*topic, origin, *seq, payload, self.config.message_bytes_max).err()
+            }
+            GossipMessage::IHave { ids, .. } | GossipMessage::IWant { ids } => {
+                too_many(ids.len(), self.config.ihave_ids_max)
+            }
+            GossipMessage::Prune { peers, .. } => too_many(peers.len(), self.config.prune_peers_max),
+            GossipMessage::Subscribe(_) | GossipMessage::Unsubscribe(_) | GossipMessage::Graft(_) => None,
         }
     }
 

@@ -380,6 +380,53 @@ fn a_joining_node_is_announced_to_every_subscriber() {
     assert!(all, "a subscriber never learned of the joining node");
 }
 
+/// One node turns hostile and sends each neighbour a stream of invalid
+/// PUBLISH frames (a Peers notice on the Files topic): every neighbour
+/// disconnects it, and honest traffic still reaches every subscriber.
+#[test]
+fn a_node_sending_invalid_messages_is_disconnected_by_all_its_peers() {
+    let (mut net, mut rng) = build(23, Duration::from_secs(10));
+    let attacker = 0;
+    let neighbours: Vec<NodeIndex> = (1..NODES)
+        .filter(|&i| {
+            net.node(i).gossip.peer_count() > 0 && net.node(i).gossip.penalty(ConnId(attacker as u64)).is_some()
+        })
+        .collect();
+    assert!(neighbours.len() >= DEGREE_MIN);
+    let junk = |seq: u64| GossipMessage::Publish {
+        topic: Topic::Files,
+        origin: node_id(attacker),
+        seq,
+        payload: Announcement::Peer(crate::wire::Contact {
+            id: node_id(attacker),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], 1)),
+        }),
+    };
+    net.with_node(attacker, |m, _| {
+        for seq in 0..100 {
+            for &n in &neighbours {
+                m.outbox.push_back((n, junk(seq)));
+            }
+        }
+    });
+    net.run_for(Duration::from_secs(1));
+    for &n in &neighbours {
+        let node = net.node(n);
+        assert_eq!(node.disconnects, vec![ConnId(attacker as u64)], "neighbour {n} disconnected the attacker");
+        let config = GossipConfig::default();
+        let invalid = u64::from(config.penalty_disconnect / config.penalty_invalid_message);
+        assert_eq!(node.gossip.counters().invalid, invalid, "neighbour {n} counted the junk up to the disconnect");
+        assert!(node.delivered.is_empty(), "junk was delivered");
+    }
+    net.crash(attacker); // the driver closed every connection to it
+    let before = total_received(&net);
+    let messages = publish_batch(&mut net, &mut rng);
+    net.run_for(Duration::from_secs(5));
+    let m = measure(&net, &messages, before);
+    report("after disconnecting an attacker", &m);
+    assert_eq!(m.ratio_min, 1.0);
+}
+
 /// Same seed, same run: the delivery log is identical.
 #[test]
 fn runs_are_deterministic() {

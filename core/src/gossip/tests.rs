@@ -481,6 +481,15 @@ fn invalid_messages_are_penalised_and_never_delivered() {
     // A graylisted peer's valid messages are ignored too.
     assert!(delivered(&rig.from(bad.0, publish_from(50, 3, file("ok", 1)))).is_empty());
     assert_eq!(rig.gossip.counters().graylisted_ignored, 1);
+    // But its invalid ones still count, up to the disconnect.
+    let mut outputs = Vec::new();
+    for seq in 10..20 {
+        outputs.extend(rig.from(bad.0, publish_from(50, seq, file("a/b", 1))));
+    }
+    assert!(outputs.contains(&GossipOutput::Disconnect { conn: bad, reason: GoodbyeReason::ProtocolViolation }));
+    assert_eq!(rig.gossip.penalty(bad), None, "forgotten once disconnected");
+    let invalid_from_bad = rig.gossip.counters().invalid;
+    assert_eq!(invalid_from_bad, u64::from(config.penalty_disconnect / config.penalty_invalid_message));
     // Over-long lists from two other peers.
     let others: Vec<u64> = (1..=8).filter(|&i| ConnId(i) != bad).collect();
     let (second, third) = (others[0], others[1]);
@@ -489,7 +498,7 @@ fn invalid_messages_are_penalised_and_never_delivered() {
     rig.from(second, GossipMessage::IHave { topic: Topic::Files, ids });
     let contact = Contact { id: node(9), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)) };
     rig.from(third, GossipMessage::Prune { topic: Topic::Files, backoff_s: 1, peers: vec![contact; 17] });
-    assert_eq!(rig.gossip.counters().invalid, 5);
+    assert_eq!(rig.gossip.counters().invalid, invalid_from_bad + 3);
     // Penalties decay with heartbeats.
     let before = rig.gossip.penalty(ConnId(third)).unwrap();
     assert_eq!(before, config.penalty_invalid_message);
