@@ -10,8 +10,8 @@
 //! How a message travels:
 //! - **eager push** along a per-topic mesh of degree D (5..=12, target 6),
 //!   kept by a 1 s heartbeat with GRAFT/PRUNE and per-peer back-off
-//!   ([`mesh`](self) logic in `mesh.rs`); a node that publishes without
-//!   subscribing sends to *fanout* peers instead;
+//!   (`mesh.rs`); a node that publishes without subscribing sends to
+//!   *fanout* peers instead;
 //! - **lazy push**: each heartbeat, the ids of the last few heartbeats'
 //!   messages go in IHAVE to a few non-mesh peers, which fetch what they
 //!   missed with IWANT from the message cache (`lazy.rs`, `cache.rs`);
@@ -26,7 +26,19 @@
 //! [`Gossip::poll_output`] until `None`, then arm a timer for
 //! [`Gossip::poll_timeout`]. `now` must never go backwards.
 //! [`Gossip::handle_timeout`] may be called early or twice: it does nothing
-//! before the deadline.
+//! before the deadline. The only timer is the heartbeat; every other expiry
+//! (seen ids, back-offs, IWANT follow-ups, fanout) is swept by it, so
+//! [`Gossip::poll_timeout`] is always `Some`.
+//!
+//! ```text
+//! let mut gossip = Gossip::new(GossipConfig::default(), local_id, seed, now)?;
+//! gossip.handle_input(now, GossipInput::PeerConnected { conn, node });
+//! while let Some(output) = gossip.poll_output() { /* send, close, notify */ }
+//! timer.arm(gossip.poll_timeout());
+//! // ... when the timer fires:
+//! gossip.handle_timeout(now);
+//! while let Some(output) = gossip.poll_output() { /* ... */ }
+//! ```
 //!
 //! Peers are connections: the driver reports `PeerConnected` once the
 //! handshake has authenticated the peer's [`NodeId`], and `PeerDisconnected`
