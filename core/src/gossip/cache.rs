@@ -8,7 +8,7 @@
 //! Both are bounded: overflow evicts the oldest entry and reports it so the
 //! machine can count it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::ids::{ConnId, NodeId};
@@ -95,11 +95,14 @@ pub(super) struct CachedMessage {
     pub(super) payload: Announcement,
     /// IWANT answers per connection (libp2p `gossip_retransimission`).
     served: BTreeMap<ConnId, u8>,
+    /// Connections that sent us a copy: they certainly have it, so they
+    /// need no IHAVE for it (at most one entry per peer).
+    received_from: BTreeSet<ConnId>,
 }
 
 impl CachedMessage {
     pub(super) fn new(topic: Topic, origin: NodeId, seq: u64, payload: Announcement) -> Self {
-        Self { topic, origin, seq, payload, served: BTreeMap::new() }
+        Self { topic, origin, seq, payload, served: BTreeMap::new(), received_from: BTreeSet::new() }
     }
 
     /// The wire form.
@@ -182,6 +185,18 @@ impl MessageCache {
         }
         *served += 1;
         Serve::Message(message.to_publish())
+    }
+
+    /// Note that `conn` sent us a copy of `id`, if still cached.
+    pub(super) fn note_sender(&mut self, id: &MessageId, conn: ConnId) {
+        if let Some(message) = self.messages.get_mut(id) {
+            message.received_from.insert(conn);
+        }
+    }
+
+    /// Whether `conn` sent us a copy of `id`.
+    pub(super) fn sent_by(&self, id: &MessageId, conn: ConnId) -> bool {
+        self.messages.get(id).is_some_and(|m| m.received_from.contains(&conn))
     }
 
     /// Ids of `topic` from the `gossip_heartbeats` newest windows, to

@@ -1,6 +1,7 @@
 //! Lazy push (spec v1.0 §"Control Messages", v1.1 §"Spam Protection"):
 //! each heartbeat advertises recent message ids with IHAVE to a few peers
-//! outside the mesh, which fetch what they missed with IWANT. This is what
+//! outside the mesh (and, a Shoal addition, to mesh peers for the ids they
+//! have not sent us), which fetch what they missed with IWANT. This is what
 //! repairs a delivery the eager mesh push lost (a crashed mesh peer, a
 //! healed partition).
 
@@ -42,6 +43,23 @@ impl Gossip {
                 self.counters.ihave_sent += 1;
                 self.send(conn, GossipMessage::IHave { topic, ids: ids.clone() });
             }
+            if self.config.gossip_to_mesh_peers {
+                self.gossip_to_mesh(topic, &ids);
+            }
+        }
+    }
+
+    /// IHAVE to each mesh peer for the ids it has not sent us: our eager
+    /// push to it may have been lost (see `gossip_to_mesh_peers`).
+    fn gossip_to_mesh(&mut self, topic: Topic, ids: &[MessageId]) {
+        let mesh: Vec<ConnId> = self.mesh_peers(topic).collect();
+        for conn in mesh {
+            let unconfirmed: Vec<MessageId> = ids.iter().copied().filter(|id| !self.cache.sent_by(id, conn)).collect();
+            if unconfirmed.is_empty() {
+                continue;
+            }
+            self.counters.ihave_sent += 1;
+            self.send(conn, GossipMessage::IHave { topic, ids: unconfirmed });
         }
     }
 

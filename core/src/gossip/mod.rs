@@ -537,6 +537,7 @@ impl Gossip {
         match self.seen.insert(now, id) {
             SeenInsert::Duplicate => {
                 self.counters.duplicates += 1;
+                self.cache.note_sender(&id, conn);
                 return;
             }
             SeenInsert::Fresh { evicted } => self.counters.seen_evicted += evicted as u64,
@@ -550,6 +551,7 @@ impl Gossip {
             return;
         }
         self.remember(id, CachedMessage::new(topic, origin, seq, payload.clone()));
+        self.cache.note_sender(&id, conn);
         // Forward to the mesh, except the peer it came from and the origin
         // (spec v1.0 §"Message Processing").
         let targets: Vec<ConnId> = self

@@ -355,7 +355,12 @@ fn message_cache_windows_and_retransmission_limit() {
 
 #[test]
 fn ihave_gossip_goes_to_non_mesh_peers_and_iwant_is_served() {
-    let mut rig = Rig::subscribed(12);
+    let spec_only = GossipConfig { gossip_to_mesh_peers: false, ..GossipConfig::default() };
+    let mut rig = Rig::new(spec_only);
+    for i in 1..=12 {
+        rig.connect(i, true);
+    }
+    rig.input(GossipInput::Subscribe(Topic::Files));
     rig.heartbeat();
     let out = rig.input(GossipInput::Publish { topic: Topic::Files, payload: file("new.iso", 3) });
     let id = match out.last() {
@@ -368,11 +373,28 @@ fn ihave_gossip_goes_to_non_mesh_peers_and_iwant_is_served() {
     let out = rig.heartbeat();
     let ihave = sent(&out, |m| matches!(m, GossipMessage::IHave { ids, .. } if ids == &vec![id]));
     assert!(!ihave.is_empty(), "gossip emitted");
-    assert!(ihave.is_disjoint(&rig.mesh()), "IHAVE only outside the mesh");
+    assert!(ihave.is_disjoint(&rig.mesh()), "IHAVE only outside the mesh (spec)");
     let asker = *ihave.first().unwrap();
     let out = rig.from(asker.0, GossipMessage::IWant { ids: vec![id, MessageId([0; 32])] });
     assert_eq!(sent(&out, |m| matches!(m, GossipMessage::Publish { .. })), BTreeSet::from([asker]));
     assert_eq!(rig.gossip.counters().iwant_missing, 1);
+}
+
+#[test]
+fn mesh_peers_get_ihave_only_for_ids_they_did_not_send_us() {
+    let mut rig = Rig::subscribed(8);
+    let mesh = rig.mesh();
+    let mut members = mesh.iter().copied();
+    let (source, echo) = (members.next().unwrap(), members.next().unwrap());
+    let out = rig.from(source.0, publish_from(50, 1, file("a.txt", 1)));
+    let id = delivered(&out)[0];
+    // A crossing copy from another mesh peer also proves it has the message.
+    rig.from(echo.0, publish_from(50, 1, file("a.txt", 1)));
+    let out = rig.heartbeat();
+    let told = sent(&out, |m| matches!(m, GossipMessage::IHave { ids, .. } if ids == &vec![id]));
+    let expected: BTreeSet<ConnId> = mesh.iter().copied().filter(|&c| c != source && c != echo).collect();
+    assert!(told.is_superset(&expected), "mesh peers that may have missed the push are told");
+    assert!(!told.contains(&source) && !told.contains(&echo), "peers that sent it are not");
 }
 
 #[test]
