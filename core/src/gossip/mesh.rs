@@ -196,6 +196,7 @@ impl Gossip {
                 self.send_prune(now, conn, topic);
             }
         }
+        assert!(mesh.len() <= high, "the heartbeat leaves at most D_hi mesh peers");
         self.mesh.insert(topic, mesh);
     }
 
