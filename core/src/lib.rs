@@ -17,6 +17,7 @@
 pub mod config;
 pub mod content;
 pub mod exchange;
+pub mod gossip;
 pub mod ids;
 pub mod manifest;
 pub mod scheduler;

@@ -237,7 +237,9 @@ pub enum Topic {
     Swarm,
 }
 
-/// A gossip message id: hash of origin, sequence number and payload.
+/// A gossip message id: SHA-256 of origin, sequence number, topic and
+/// payload, computed by every receiver (never trusted from the wire), see
+/// [`crate::gossip::check_message`].
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub struct MessageId(pub [u8; 32]);
 
