@@ -36,6 +36,12 @@ pub struct ExchangeConfig {
     /// Piece hashes asked for in one `HashRequest` (a power of two):
     /// 512 × 32 B = 16 KiB plus one proof path per batch.
     pub hash_batch_max: u32,
+    /// A seed started with this set reveals pieces one by one (super
+    /// seeding: no piece is served twice before every piece was served
+    /// once; Bharambe et al. 2006 show it helps a slow seed).
+    pub super_seeding: bool,
+    /// Pieces a super seed reveals to one peer at a time.
+    pub super_seed_reveals_per_peer: u32,
     /// Requests while choked we tolerate (they race a choke on the wire)
     /// before treating a peer as misbehaving.
     pub choked_requests_max: u32,
@@ -54,6 +60,8 @@ impl Default for ExchangeConfig {
             requests_queued_per_peer_max: 256,
             strikes_max: 3,
             hash_batch_max: 512,
+            super_seeding: false,
+            super_seed_reveals_per_peer: 2,
             choked_requests_max: 64,
         }
     }

@@ -22,6 +22,12 @@
 //! pieces fastest) — plus an optimistic slot rotated every
 //! `optimistic_unchoke_interval` so newcomers can bootstrap.
 //!
+//! Super seeding (`super_seeding`, for a seed that starts a swarm): the
+//! seed announces `HaveNone` and reveals pieces by `Have`, a couple per
+//! peer at a time in one global order, revealing the next when the peer
+//! announces it holds the last; so no piece is served twice before every
+//! piece was served once (Bharambe, Herley, Padmanabhan 2006).
+//!
 //! Call order (STYLE.md §1): one `handle_input`/`handle_timeout`, then
 //! `poll_output` until `None`, then arm a timer for `poll_timeout`.
 

@@ -39,6 +39,10 @@ struct Session {
     uploaded_bytes: u64,
     downloaded_bytes: u64,
     optimistic: bool,
+    /// Super seeding only: the peer's pieces, and what we revealed to it
+    /// that it does not have yet.
+    peer_pieces: Vec<u8>,
+    revealed: Vec<PieceIndex>,
 }
 
 /// Fetching a manifest's piece hashes from peers, batch by batch.
@@ -52,6 +56,16 @@ struct HashFetch {
     no_source: BTreeSet<PeerSlot>,
 }
 
+/// Super seeding: which piece to reveal next (module docs of `Exchange`).
+#[derive(Clone, Debug)]
+struct SuperSeed {
+    /// Pieces in the order they are revealed, drawn from the seeded RNG.
+    order: Vec<u32>,
+    /// Next position in `order`; wraps, so every piece is revealed once
+    /// before any piece is revealed twice.
+    cursor: usize,
+}
+
 pub(super) struct Swarm {
     file: FileId,
     layout: Layout,
@@ -61,6 +75,7 @@ pub(super) struct Swarm {
     hash_fetch: Option<HashFetch>,
     /// Built on the first hash request we serve.
     tree: Option<MerkleTree>,
+    super_seed: Option<SuperSeed>,
     /// Our pieces, packed MSB first as on the wire.
     have: Vec<u8>,
     have_count: u32,
@@ -105,6 +120,7 @@ impl Swarm {
             hashes: hashes.unwrap_or_else(|| vec![PieceHash::default(); pieces as usize]),
             hash_fetch,
             tree: None,
+            super_seed: None,
             have: vec![0; pieces.div_ceil(8) as usize],
             have_count: 0,
             download: None,
@@ -115,7 +131,17 @@ impl Swarm {
             config: config.clone(),
         };
         match have {
-            None => (0..pieces).for_each(|p| swarm.set_have(PieceIndex(p))),
+            None => {
+                (0..pieces).for_each(|p| swarm.set_have(PieceIndex(p)));
+                if config.super_seeding {
+                    let mut rng = ChaCha8Rng::from_seed(seed);
+                    let mut order: Vec<u32> = (0..pieces).collect();
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, rand::RngExt::random_range(&mut rng, 0..=i));
+                    }
+                    swarm.super_seed = Some(SuperSeed { order, cursor: 0 });
+                }
+            }
             Some(held) => {
                 for piece in held.into_iter().filter(|p| p.0 < pieces) {
                     swarm.set_have(piece);
@@ -217,9 +243,13 @@ impl Swarm {
             uploaded_bytes: 0,
             downloaded_bytes: 0,
             optimistic: false,
+            peer_pieces: if self.super_seed.is_some() { vec![0; self.have.len()] } else { Vec::new() },
+            revealed: Vec::new(),
         });
         let file = self.file;
-        let announcement = if self.is_complete() && self.layout.piece_count() > 0 {
+        let announcement = if self.super_seed.is_some() {
+            ExchangeMessage::HaveNone { file } // pieces are revealed one by one
+        } else if self.is_complete() && self.layout.piece_count() > 0 {
             ExchangeMessage::HaveAll { file }
         } else if self.have_count == 0 {
             ExchangeMessage::HaveNone { file }
@@ -294,6 +324,53 @@ impl Swarm {
             let keep = unchoke.contains(&(file, slot));
             self.set_choking(slot, !keep, out);
         }
+    }
+
+    /// Super seeding: reveal pieces to `slot` until it has
+    /// `super_seed_reveals_per_peer` it does not hold, taking them in the
+    /// global reveal order so that no piece is revealed twice before all
+    /// were revealed once (skipping pieces the peer already has).
+    fn reveal(&mut self, slot: PeerSlot, out: &mut VecDeque<ExchangeOutput>) {
+        let per_peer = self.config.super_seed_reveals_per_peer as usize;
+        let file = self.file;
+        let Some(superseed) = &mut self.super_seed else { return };
+        let Some(session) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
+        let pieces = superseed.order.len();
+        let mut reveals = Vec::new();
+        let mut offset = 0;
+        while session.revealed.len() < per_peer && offset < pieces {
+            let at = (superseed.cursor + offset) % pieces;
+            let piece = superseed.order[at];
+            let held = session.peer_pieces[(piece / 8) as usize] & (0x80 >> (piece % 8)) != 0;
+            if held || session.revealed.contains(&PieceIndex(piece)) {
+                offset += 1;
+                continue;
+            }
+            // Move the chosen piece to the cursor: this round's reveals stay
+            // a prefix of `order`, and skipped pieces keep their turn.
+            superseed.order.swap(superseed.cursor % pieces, at);
+            superseed.cursor += 1;
+            session.revealed.push(PieceIndex(piece));
+            reveals.push(PieceIndex(piece));
+        }
+        for piece in reveals {
+            self.send(out, slot, ExchangeMessage::Have { file, piece });
+        }
+    }
+
+    /// Super seeding: the peer holds `piece` now; reveal the next one.
+    fn super_seed_peer_has(&mut self, slot: PeerSlot, pieces: &[PieceIndex], out: &mut VecDeque<ExchangeOutput>) {
+        if self.super_seed.is_none() {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
+        for piece in pieces {
+            if let Some(byte) = session.peer_pieces.get_mut((piece.0 / 8) as usize) {
+                *byte |= 0x80 >> (piece.0 % 8);
+            }
+            session.revealed.retain(|p| p != piece);
+        }
+        self.reveal(slot, out);
     }
 
     /// Send requests to fill `slot`'s pipeline: hash batches while the
@@ -484,6 +561,13 @@ impl Swarm {
                 if let Some(download) = &mut self.download {
                     download.peer_bitfield(slot, &bits).map_err(|_| Violation::BadBitfield)?;
                 }
+                if self.super_seed.is_some() {
+                    let held: Vec<PieceIndex> = (0..pieces)
+                        .filter(|p| bits[(p / 8) as usize] & (0x80 >> (p % 8)) != 0)
+                        .map(PieceIndex)
+                        .collect();
+                    self.super_seed_peer_has(slot, &held, out);
+                }
                 self.update_interest(slot, out);
             }
             ExchangeMessage::HaveAll { .. } => {
@@ -499,6 +583,7 @@ impl Swarm {
                 if std::mem::replace(&mut session.announced, true) {
                     return Err(Violation::BadBitfield);
                 }
+                self.reveal(slot, out);
             }
             ExchangeMessage::Have { piece, .. } => {
                 if piece.0 >= pieces {
@@ -508,6 +593,7 @@ impl Swarm {
                 if let Some(download) = &mut self.download {
                     download.peer_have(slot, piece).map_err(|_| Violation::BadRange)?;
                 }
+                self.super_seed_peer_has(slot, &[piece], out);
                 self.update_interest(slot, out);
                 self.refill(now, slot, out);
             }

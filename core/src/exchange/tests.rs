@@ -30,6 +30,8 @@ struct Peer {
     forge_hashes: bool,
     outbox: VecDeque<(NodeIndex, Wire)>,
     events: Vec<(Instant, ExchangeEvent)>,
+    /// Every block handed out, in order.
+    served: Vec<(PieceIndex, u32)>,
 }
 
 impl Peer {
@@ -46,6 +48,7 @@ impl Peer {
                     self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)));
                 }
                 ExchangeOutput::ServeBlock { conn, file, piece, offset, length } => {
+                    self.served.push((piece, offset));
                     let data = self.pieces[piece.0 as usize].as_ref().expect("served pieces are stored");
                     let mut block = data.slice(offset as usize..(offset + length) as usize);
                     if self.corrupt {
@@ -135,6 +138,8 @@ struct Setup {
     forge_hashes: Vec<usize>,
     /// Leechers start from a manifest without piece hashes.
     fetch_hashes: bool,
+    /// The seed reveals pieces one by one.
+    super_seed: bool,
     seed: u64,
 }
 
@@ -151,7 +156,7 @@ fn swarm_with(setup: Setup) -> Swarm {
     let (data, content, manifest) = test_file(pieces, seed);
     let layout = content.layout;
     let file = content.file_id;
-    let mut config = ExchangeConfig::default();
+    let mut config = ExchangeConfig { super_seeding: setup.super_seed, ..ExchangeConfig::default() };
     if setup.fetch_hashes {
         config.hash_batch_max = 16;
     }
@@ -192,6 +197,7 @@ fn swarm_with(setup: Setup) -> Swarm {
             forge_hashes: setup.forge_hashes.contains(&index),
             outbox: VecDeque::new(),
             events: Vec::new(),
+            served: Vec::new(),
         });
     }
     for index in 1..total {
@@ -397,4 +403,29 @@ fn piece_hashes_are_fetched_with_proofs_and_forgeries_rejected() {
     }
     assert!(forgeries >= 1, "the forger was caught");
     eprintln!("hash fetch: forger caught by {forgeries} peers");
+}
+
+/// Super seeding: the seed serves every piece once before it serves any
+/// piece a second time, and the swarm still completes.
+#[test]
+fn a_super_seed_serves_each_piece_once_before_any_twice() {
+    let mut s = swarm_with(Setup { pieces: 64, leechers: 8, super_seed: true, seed: 6, ..Setup::default() });
+    let leechers: Vec<usize> = (1..=8).collect();
+    let done = s.net.run_until_with(Instant::ZERO + Duration::from_secs(600), |n| all_complete(n, &leechers, &s.file));
+    assert!(done, "leechers of a super seed did not complete");
+    for &i in &leechers {
+        assert_eq!(s.net.node(i).content().as_deref(), Some(&s.data[..]));
+    }
+    // Piece starts (block 0) in the order the seed served them.
+    let starts: Vec<PieceIndex> =
+        s.net.node(0).served.iter().filter(|(_, offset)| *offset == 0).map(|(piece, _)| *piece).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for piece in &starts {
+        if !seen.insert(*piece) {
+            assert_eq!(seen.len(), 64, "{piece:?} served twice after only {} distinct pieces", seen.len());
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 64, "every piece came from the seed once");
+    eprintln!("super seed: served {} piece starts for 64 pieces to 8 leechers", starts.len());
 }
