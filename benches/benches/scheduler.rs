@@ -8,9 +8,9 @@
 //!   file. `common_only` is the adversarial profile: the peer holds exactly
 //!   the most common half of the pieces, so every rarer level must be
 //!   searched before its first candidate (libtorrent's full-scan case).
-//!   `rarest_first` repeats picks (the steady state: the peer's floor is
-//!   known); `rarest_first_cold` resets every floor first (a peer's first
-//!   pick).
+//!   `rarest_first` is the real case (a peer's floor is exact from its
+//!   bitfield on); `rarest_first_cold` forces every floor to zero first,
+//!   the worst case a floor ever degrades to.
 //! - `have/rarest_first/{pieces}`: one HAVE (availability update).
 //! - `bitfield/rarest_first/{pieces}/{full,half}`: a peer joining with a
 //!   bitfield (and leaving again, so the state stays the same).
@@ -137,7 +137,7 @@ fn pick(c: &mut Criterion) {
                     black_box(swarm.fast.pick(PeerSlot(BACKGROUND_PEERS + probe)))
                 })
             });
-            // A peer's first pick: no floor yet (includes resetting 48 floors).
+            // Worst case: no floor at all (includes resetting 48 floors).
             group.bench_function(BenchmarkId::new("rarest_first_cold", &id), |b| {
                 b.iter(|| {
                     probe = (probe + 1) % PROBES;

@@ -5,3 +5,7 @@
 //! workspace (`core <- node <- sim <- scenarios`).
 
 pub use shoal_core as core;
+
+pub mod handshake;
+pub mod identity;
+pub mod ratelimit;

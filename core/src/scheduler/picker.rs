@@ -16,11 +16,13 @@
 //!   of bitfields leaves no dirty state to rebuild (libtorrent re-sorts its
 //!   whole piece list then).
 //! - A pick scans the array from the peer's *floor*: a lower bound on the
-//!   rarest level among the free pieces the peer has. A pick sets the floor
-//!   to the level it found. Availability only rises on HAVE, and a
-//!   departure lowers it by at most one (floors drop by one). So a peer
-//!   holding only common pieces does not rescan the rare buckets on every
-//!   pick, which is libtorrent's O(pieces) case.
+//!   rarest level among the free pieces the peer has. The floor starts at
+//!   the top for a new peer and each of its HAVEs lowers it to that piece's
+//!   level, so it is exact once its bitfield is in; a pick sets it to the
+//!   level found. Availability only rises on HAVE, and a departure lowers
+//!   it by at most one (floors drop by one). So a peer holding only common
+//!   pieces never rescans the rare buckets, which is libtorrent's
+//!   O(pieces) case.
 //! - A peer holding few pieces (`|P|`) would need about `pieces / |P|`
 //!   steps of scanning to meet one. Past a budget of `2·|P|` steps the pick
 //!   iterates the peer's own pieces instead. A pick thus costs
@@ -259,7 +261,11 @@ impl PiecePicker {
         if entry.is_some() {
             return Err(PickerError::SlotInUse(slot.0));
         }
-        *entry = Some(Peer { pieces: PeerPieces::Partial(None), floor: 0 });
+        // No pieces: "no free piece below the top level" holds vacuously,
+        // and every HAVE lowers the floor to its piece's level, so after a
+        // bitfield the floor is exact and the first pick does not scan.
+        let top = u16::try_from(self.bucket_end.len()).unwrap_or(u16::MAX);
+        *entry = Some(Peer { pieces: PeerPieces::Partial(None), floor: top });
         self.peer_count += 1;
         Ok(())
     }
