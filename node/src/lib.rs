@@ -6,6 +6,8 @@
 
 pub use shoal_core as core;
 
+pub mod framing;
 pub mod handshake;
 pub mod identity;
 pub mod ratelimit;
+pub mod transport;
