@@ -17,6 +17,7 @@
 pub mod config;
 pub mod content;
 pub mod ids;
+pub mod kad;
 pub mod manifest;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -1,0 +1,1251 @@
+//! The Kademlia DHT (Maymounkov & Mazières, 2002) as a sans-IO state
+//! machine: routing table, iterative lookups, and the manifest, provider and
+//! keyword records Shoal keeps in it.
+//!
+//! [`Kademlia`] never touches a socket or a clock. The driver feeds it
+//! messages and the time; it answers with [`KadOutput`]s: requests to send,
+//! responses to send, and [`KadEvent`]s reporting query results.
+//!
+//! Contacts are learned from every message that arrives: the sender of each
+//! request, and every peer that answers one of ours. Contacts merely named
+//! in a `Nodes` answer are used as lookup candidates but enter the routing
+//! table only once they answer themselves, so a peer cannot fill our table
+//! with made-up entries (libp2p kad does the same).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+
+use crate::ids::{FileId, NodeId};
+use crate::manifest::{FileManifest, ManifestError};
+use crate::time::Instant;
+use crate::wire::{Contact, ErrorCode, KeywordEntry, Record, RecordKey, Request, RequestId, Response};
+
+pub mod config;
+pub mod keywords;
+mod lookup;
+pub mod routing;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+pub use config::KadConfig;
+use lookup::Lookup;
+use routing::{Observed, RoutingTable};
+use store::RecordStore;
+
+/// Names one query from start to its [`KadEvent::QueryFinished`].
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct QueryId(pub u64);
+
+/// What the driver hands the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KadInput {
+    /// A peer sent a request; answer with one [`KadOutput::Respond`].
+    Request {
+        /// The sender, as authenticated by the connection handshake.
+        from: Contact,
+        /// The peer's request id, echoed in the response.
+        id: RequestId,
+        /// The request.
+        request: Request,
+    },
+    /// A peer answered one of our requests.
+    Response {
+        /// The responder, as authenticated by the handshake.
+        from: Contact,
+        /// Our request id.
+        id: RequestId,
+        /// The answer.
+        response: Response,
+    },
+    /// The driver could not deliver request `id` (no connection, refused).
+    RequestFailed {
+        /// Our request id.
+        id: RequestId,
+    },
+}
+
+/// What the machine asks of the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KadOutput {
+    /// Send `request` to `to`; its answer comes back as
+    /// [`KadInput::Response`] with the same `id`.
+    Send {
+        /// The peer.
+        to: Contact,
+        /// Our request id.
+        id: RequestId,
+        /// The request.
+        request: Request,
+    },
+    /// Send `request` to a bootstrap address whose node id is not known yet;
+    /// the driver learns it in the handshake and reports it in the response.
+    SendToAddress {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// Our request id.
+        id: RequestId,
+        /// The request.
+        request: Request,
+    },
+    /// Answer a peer's request.
+    Respond {
+        /// The peer that asked.
+        to: Contact,
+        /// The peer's request id.
+        id: RequestId,
+        /// The answer.
+        response: Response,
+    },
+    /// Something for the user.
+    Event(KadEvent),
+}
+
+/// How a query went (reported with every result).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryStats {
+    /// Deepest hop the lookup reached: 1 when only contacts from our own
+    /// table were asked. 0 when answered locally.
+    pub rounds: u32,
+    /// Requests sent, including the final STORE/ADD_PROVIDER round.
+    pub messages: u32,
+    /// From start to result.
+    pub duration: Duration,
+    /// Whether the query achieved its purpose (found a contact, a value,
+    /// a provider, or stored at least once) before its deadline.
+    pub success: bool,
+}
+
+/// The result of a query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueryResult {
+    /// `find_node`: the closest contacts that answered, closest first.
+    FindNode {
+        /// Up to k contacts.
+        closest: Vec<Contact>,
+    },
+    /// `get_manifest`: the manifest, validated against its id.
+    GetManifest {
+        /// `None` when no valid manifest was found.
+        manifest: Option<FileManifest>,
+    },
+    /// `get_providers`: who serves the file.
+    GetProviders {
+        /// Providers found (bounded by `providers_per_key_max`).
+        providers: Vec<Contact>,
+    },
+    /// `put_manifest` or `add_provider`: how many of the k closest nodes
+    /// accepted the record.
+    Stored {
+        /// Nodes that acknowledged.
+        stored: usize,
+    },
+    /// `search`: entries whose names contain every query token.
+    Search {
+        /// Matching files, by `FileId` order.
+        entries: Vec<KeywordEntry>,
+    },
+}
+
+/// Notifications for the user of the machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KadEvent {
+    /// A user query ended.
+    QueryFinished {
+        /// The id returned when it started.
+        id: QueryId,
+        /// Rounds, messages, duration, success.
+        stats: QueryStats,
+        /// What it found.
+        result: QueryResult,
+    },
+    /// A bootstrap attempt ended.
+    Bootstrapped {
+        /// Contacts in the routing table afterwards; 0 means a retry is
+        /// scheduled with backoff.
+        contacts: usize,
+    },
+}
+
+/// Counters of notable events, for metrics. Overflow of every limit is
+/// counted here (STYLE.md §3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KadCounters {
+    /// Requests received from peers.
+    pub requests_received: u64,
+    /// Requests we sent.
+    pub requests_sent: u64,
+    /// Our requests that timed out or could not be delivered.
+    pub requests_failed: u64,
+    /// Responses with no matching request in flight (late or unsolicited).
+    pub responses_unexpected: u64,
+    /// Responses from another node than the one asked.
+    pub responses_wrong_peer: u64,
+    /// Values received that failed validation (forged manifests, misfiled
+    /// keyword entries).
+    pub values_rejected: u64,
+    /// Contact lists truncated to k or candidates dropped from a full set.
+    pub contacts_dropped: u64,
+    /// Queries refused at `queries_max`.
+    pub queries_refused: u64,
+    /// Background requests (pings, replication) skipped at
+    /// `background_requests_inflight_max`.
+    pub background_skipped: u64,
+    /// Provider announcements refused because the provider was not the
+    /// sender.
+    pub providers_spoofed: u64,
+    /// Publications refused at `published_max`.
+    pub published_refused: u64,
+}
+
+/// What a query does with its lookup.
+#[derive(Clone, Debug)]
+enum Goal {
+    FindNode,
+    GetManifest,
+    /// One token of a search; `search` is the aggregate's id.
+    GetKeywords {
+        search: QueryId,
+    },
+    GetProviders {
+        found: BTreeMap<NodeId, Contact>,
+    },
+    /// Store `request` on the k closest once the lookup ends.
+    Store {
+        request: Request,
+    },
+    Bootstrap,
+    Refresh,
+}
+
+/// What a lookup's answers are expected to carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Nodes,
+    Manifest,
+    Keywords,
+    Providers,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Lookup,
+    Storing { outstanding: usize, stored: usize },
+}
+
+#[derive(Clone, Debug)]
+struct Query {
+    goal: Goal,
+    lookup: Lookup,
+    phase: Phase,
+    started: Instant,
+    deadline: Instant,
+    /// Whether a [`KadEvent::QueryFinished`] is owed.
+    user: bool,
+    store_messages: u32,
+}
+
+/// A multi-token search: one keyword lookup per token, then intersect.
+#[derive(Clone, Debug)]
+struct Search {
+    started: Instant,
+    remaining: usize,
+    results: Vec<Vec<KeywordEntry>>,
+    rounds: u32,
+    messages: u32,
+    success: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Query(QueryId),
+    /// Ping-before-evict of the head of a full bucket.
+    Ping,
+    /// Replicating a held record to a newly closer node.
+    Replicate,
+    /// First contact with a bootstrap seed address.
+    Seed,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// `None` for a bootstrap address whose id is unknown.
+    to: Option<NodeId>,
+    purpose: Purpose,
+    deadline: Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Request(RequestId),
+    Query(QueryId),
+}
+
+/// Something this node originated and republishes (Kademlia §2.5).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Publication {
+    Manifest(FileId),
+    Provider(FileId),
+    /// The keyword entries of one file, one record per token.
+    Keywords(FileId),
+}
+
+#[derive(Clone, Debug)]
+struct Published {
+    /// The manifest, or the keyword entry; `None` for a provider record.
+    manifest: Option<FileManifest>,
+    entry: Option<KeywordEntry>,
+    next_at: Instant,
+}
+
+/// A Kademlia node, sans IO.
+///
+/// Call order (quinn-proto, str0m): one mutation — [`handle_input`],
+/// [`handle_timeout`] or a command such as [`find_node`] — then
+/// [`poll_output`] until it returns `None`, then arm a timer for
+/// [`poll_timeout`]. `now` must never go backwards. `handle_timeout` may be
+/// called early or twice: it only acts on deadlines that have passed.
+///
+/// [`handle_input`]: Kademlia::handle_input
+/// [`handle_timeout`]: Kademlia::handle_timeout
+/// [`find_node`]: Kademlia::find_node
+/// [`poll_output`]: Kademlia::poll_output
+/// [`poll_timeout`]: Kademlia::poll_timeout
+#[derive(Debug)]
+pub struct Kademlia {
+    config: KadConfig,
+    local: Contact,
+    rng: ChaCha8Rng,
+    table: RoutingTable,
+    store: RecordStore,
+    queries: BTreeMap<QueryId, Query>,
+    searches: BTreeMap<QueryId, Search>,
+    pending: BTreeMap<RequestId, Pending>,
+    background_inflight: usize,
+    timers: BTreeSet<(Instant, Timer)>,
+    outputs: VecDeque<KadOutput>,
+    published: BTreeMap<Publication, Published>,
+    seeds: Vec<SocketAddr>,
+    seeds_pending: usize,
+    bootstrap_query: Option<QueryId>,
+    bootstrap_retry_at: Option<Instant>,
+    bootstrap_backoff: Duration,
+    next_maintenance: Instant,
+    next_request: u64,
+    next_query: u64,
+    counters: KadCounters,
+}
+
+impl Kademlia {
+    // ---- construction and getters -------------------------------------
+
+    /// A node with identity `local`, randomness from `seed`, starting at
+    /// `now`. Panics if `config` does not validate (a local bug, not
+    /// peer input).
+    #[must_use]
+    pub fn new(config: KadConfig, local: Contact, seed: [u8; 32], now: Instant) -> Self {
+        if let Err(e) = config.validate() {
+            panic!("invalid KadConfig: {e}");
+        }
+        let table = RoutingTable::new(
+            local.id,
+            config.bucket_size,
+            config.replacements_per_bucket_max,
+            config.contact_failures_max,
+        );
+        let store = RecordStore::new(local.id, config.clone());
+        let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);
+        let bootstrap_backoff = KadConfig::ms(config.bootstrap_backoff_initial_ms);
+        Self {
+            config,
+            local,
+            rng: ChaCha8Rng::from_seed(seed),
+            table,
+            store,
+            queries: BTreeMap::new(),
+            searches: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            background_inflight: 0,
+            timers: BTreeSet::new(),
+            outputs: VecDeque::new(),
+            published: BTreeMap::new(),
+            seeds: Vec::new(),
+            seeds_pending: 0,
+            bootstrap_query: None,
+            bootstrap_retry_at: None,
+            bootstrap_backoff,
+            next_maintenance,
+            next_request: 0,
+            next_query: 0,
+            counters: KadCounters::default(),
+        }
+    }
+
+    /// Our own contact.
+    #[must_use]
+    pub fn local(&self) -> Contact {
+        self.local
+    }
+
+    /// The routing table.
+    #[must_use]
+    pub fn table(&self) -> &RoutingTable {
+        &self.table
+    }
+
+    /// The records held for the network.
+    #[must_use]
+    pub fn store(&self) -> &RecordStore {
+        &self.store
+    }
+
+    /// Counters so far.
+    #[must_use]
+    pub fn counters(&self) -> KadCounters {
+        self.counters
+    }
+
+    /// Queries running (user and internal).
+    #[must_use]
+    pub fn queries_running(&self) -> usize {
+        self.queries.len()
+    }
+
+    // ---- handle_* ------------------------------------------------------
+
+    /// Feed one input from the network.
+    pub fn handle_input(&mut self, now: Instant, input: KadInput) {
+        match input {
+            KadInput::Request { from, id, request } => self.on_request(now, from, id, request),
+            KadInput::Response { from, id, response } => self.on_response(now, from, id, response),
+            KadInput::RequestFailed { id } => {
+                if let Some(pending) = self.take_pending(id) {
+                    self.on_failure(now, pending);
+                }
+            }
+        }
+    }
+
+    /// Run every deadline that has passed at `now`; harmless if none has.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            match timer {
+                Timer::Request(id) => {
+                    if let Some(pending) = self.take_pending(id) {
+                        self.on_failure(now, pending);
+                    }
+                }
+                Timer::Query(query) => self.query_timed_out(now, query),
+            }
+        }
+        if self.bootstrap_retry_at.is_some_and(|at| at <= now) {
+            self.bootstrap_retry_at = None;
+            self.send_to_seeds(now);
+        }
+        if self.next_maintenance <= now {
+            self.next_maintenance = now + KadConfig::ms(self.config.maintenance_interval_ms);
+            self.maintain(now);
+        }
+    }
+
+    // ---- commands (mutators) ------------------------------------------
+
+    /// Join the network through `seeds` (addresses only): ask each for the
+    /// nodes closest to us, then look ourselves up and refresh every bucket
+    /// farther than our closest neighbour (Kademlia §2.3). If the table is
+    /// still empty afterwards, retry with exponential backoff.
+    pub fn bootstrap(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        self.seeds = seeds.iter().copied().filter(|a| *a != self.local.addr).collect();
+        self.seeds.truncate(self.config.bootstrap_seeds_max);
+        self.bootstrap_backoff = KadConfig::ms(self.config.bootstrap_backoff_initial_ms);
+        self.send_to_seeds(now);
+    }
+
+    /// Find the k nodes closest to `target`.
+    pub fn find_node(&mut self, now: Instant, target: RecordKey) -> QueryId {
+        self.start_query(now, target, Goal::FindNode, true, None)
+    }
+
+    /// Find and validate the manifest of `file` (answered locally when held).
+    pub fn get_manifest(&mut self, now: Instant, file: FileId) -> QueryId {
+        if let Some(manifest) = self.store.manifest(&file.0, now).cloned() {
+            let id = self.alloc_query();
+            let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: true };
+            self.emit_finished(id, stats, QueryResult::GetManifest { manifest: Some(manifest) });
+            return id;
+        }
+        self.start_query(now, file.0, Goal::GetManifest, true, None)
+    }
+
+    /// Store a manifest on the k nodes closest to its `FileId`, keep a copy,
+    /// and republish it every `record_republish_interval_ms`.
+    pub fn put_manifest(&mut self, now: Instant, manifest: FileManifest) -> Result<QueryId, ManifestError> {
+        let file = manifest.validate()?;
+        // Validated above; a refusal here only means our own store is full.
+        let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now);
+        let next_at = now + KadConfig::ms(self.config.record_republish_interval_ms);
+        self.publish(Publication::Manifest(file), Published { manifest: Some(manifest.clone()), entry: None, next_at });
+        let request = Request::Store { key: file.0, record: Record::Manifest(manifest) };
+        Ok(self.start_query(now, file.0, Goal::Store { request }, true, None))
+    }
+
+    /// Announce that we serve `file` to the k closest nodes; re-announced
+    /// every `provider_republish_interval_ms` until [`Self::stop_providing`].
+    pub fn add_provider(&mut self, now: Instant, file: FileId) -> QueryId {
+        let _ = self.store.add_provider(file, self.local, now);
+        let next_at = now + KadConfig::ms(self.config.provider_republish_interval_ms);
+        self.publish(Publication::Provider(file), Published { manifest: None, entry: None, next_at });
+        let request = Request::AddProvider { file, provider: self.local };
+        self.start_query(now, file.0, Goal::Store { request }, true, None)
+    }
+
+    /// Stop republishing our provider record for `file` (it lapses at its
+    /// TTL on the holders).
+    pub fn stop_providing(&mut self, file: FileId) {
+        self.published.remove(&Publication::Provider(file));
+    }
+
+    /// Find providers of `file`.
+    pub fn get_providers(&mut self, now: Instant, file: FileId) -> QueryId {
+        let goal = Goal::GetProviders { found: BTreeMap::new() };
+        self.start_query(now, file.0, goal, true, None)
+    }
+
+    /// Make `entry` findable by every token of its name, republishing it
+    /// until [`Self::unpublish_keywords`]. Returns the number of tokens
+    /// published.
+    pub fn publish_keywords(&mut self, now: Instant, entry: KeywordEntry) -> usize {
+        let next_at = now + KadConfig::ms(self.config.record_republish_interval_ms);
+        let file = entry.file;
+        self.publish(Publication::Keywords(file), Published { manifest: None, entry: Some(entry.clone()), next_at });
+        self.store_keywords(now, &entry)
+    }
+
+    /// Stop republishing the keyword entries of `file`.
+    pub fn unpublish_keywords(&mut self, file: FileId) {
+        self.published.remove(&Publication::Keywords(file));
+    }
+
+    /// Search file names: every token of `text` is looked up and the
+    /// results intersected, so "ubuntu iso" finds names containing both.
+    pub fn search(&mut self, now: Instant, text: &str) -> QueryId {
+        let mut tokens = keywords::tokens(text);
+        tokens.truncate(self.config.search_tokens_max);
+        let id = self.alloc_query();
+        if tokens.is_empty() {
+            let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: false };
+            self.emit_finished(id, stats, QueryResult::Search { entries: Vec::new() });
+            return id;
+        }
+        let search = Search {
+            started: now,
+            remaining: tokens.len(),
+            results: Vec::new(),
+            rounds: 0,
+            messages: 0,
+            success: true,
+        };
+        self.searches.insert(id, search);
+        for token in tokens {
+            let key = keywords::keyword_key(&token);
+            let local = self.store.keywords(&key, now);
+            if local.is_empty() {
+                self.start_query(now, key, Goal::GetKeywords { search: id }, false, None);
+            } else {
+                self.search_part_done(now, id, Some(local), 0, 0);
+            }
+        }
+        id
+    }
+
+    // ---- poll_* --------------------------------------------------------
+
+    /// The next output; drain until `None` after every mutation.
+    pub fn poll_output(&mut self) -> Option<KadOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// The earliest deadline; call [`Self::handle_timeout`] when it passes.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let timers = self.timers.first().map(|&(at, _)| at);
+        [timers, self.bootstrap_retry_at, Some(self.next_maintenance)].into_iter().flatten().min()
+    }
+
+    // ---- requests from peers -------------------------------------------
+
+    fn on_request(&mut self, now: Instant, from: Contact, id: RequestId, request: Request) {
+        self.counters.requests_received += 1;
+        self.learn(now, from);
+        let k = self.config.bucket_size;
+        let response = match request {
+            Request::Ping => Response::Pong,
+            Request::FindNode { target } => Response::Nodes { closer: self.closest_for(&target, &from, k) },
+            Request::FindValue { key } => {
+                if let Some(manifest) = self.store.manifest(&key, now) {
+                    Response::Value { record: Record::Manifest(manifest.clone()) }
+                } else {
+                    let mut entries = self.store.keywords(&key, now);
+                    if entries.is_empty() {
+                        Response::Nodes { closer: self.closest_for(&key, &from, k) }
+                    } else {
+                        // Freshest last in the store; a frame holds a bounded answer.
+                        let skip = entries.len().saturating_sub(self.config.keyword_entries_per_key_max);
+                        entries.drain(..skip);
+                        Response::Value { record: Record::Keywords(entries) }
+                    }
+                }
+            }
+            Request::Store { key, record } => {
+                let result = match record {
+                    Record::Manifest(manifest) => self.store.put_manifest(&key, manifest, from.id, now),
+                    Record::Keywords(entries) => self.store.put_keywords(&key, entries, from.id, now),
+                };
+                match result {
+                    Ok(()) => Response::Stored,
+                    Err(e) => Response::Error { code: e.code() },
+                }
+            }
+            Request::AddProvider { file, provider } => {
+                if provider.id != from.id {
+                    // Only a node may announce itself (libp2p kad checks the
+                    // same): otherwise anyone could list victims as providers.
+                    self.counters.providers_spoofed += 1;
+                    Response::Error { code: ErrorCode::Invalid }
+                } else {
+                    match self.store.add_provider(file, provider, now) {
+                        Ok(()) => Response::Stored,
+                        Err(e) => Response::Error { code: e.code() },
+                    }
+                }
+            }
+            Request::GetProviders { file } => Response::Providers {
+                providers: self.store.providers(&file, now),
+                closer: self.closest_for(&file.0, &from, k),
+            },
+            // Piece hashes are served by the exchange layer, not the DHT.
+            _ => Response::Error { code: ErrorCode::NotFound },
+        };
+        self.outputs.push_back(KadOutput::Respond { to: from, id, response });
+    }
+
+    fn closest_for(&self, target: &RecordKey, asker: &Contact, k: usize) -> Vec<Contact> {
+        let mut closest = self.table.closest(target, k + 1);
+        closest.retain(|c| c.id != asker.id);
+        closest.truncate(k);
+        closest
+    }
+
+    // ---- responses to our requests -------------------------------------
+
+    fn take_pending(&mut self, id: RequestId) -> Option<Pending> {
+        let pending = self.pending.remove(&id)?;
+        self.timers.remove(&(pending.deadline, Timer::Request(id)));
+        if matches!(pending.purpose, Purpose::Ping | Purpose::Replicate) {
+            self.background_inflight -= 1;
+        }
+        Some(pending)
+    }
+
+    fn on_response(&mut self, now: Instant, from: Contact, id: RequestId, response: Response) {
+        let Some(expected) = self.pending.get(&id) else {
+            self.counters.responses_unexpected += 1;
+            return;
+        };
+        if expected.to.is_some_and(|to| to != from.id) {
+            // Not the node we asked: ignore it; the request times out.
+            self.counters.responses_wrong_peer += 1;
+            return;
+        }
+        let Some(pending) = self.take_pending(id) else { return };
+        self.learn(now, from);
+        match pending.purpose {
+            Purpose::Ping | Purpose::Replicate => {}
+            Purpose::Seed => self.seed_answered(now, from, response),
+            Purpose::Query(query) => self.query_response(now, query, from, response),
+        }
+    }
+
+    fn on_failure(&mut self, now: Instant, pending: Pending) {
+        self.counters.requests_failed += 1;
+        if let Some(to) = pending.to {
+            // Unresponsive contacts are marked stale (Kademlia §4.1).
+            self.table.failed(&to);
+        }
+        match pending.purpose {
+            Purpose::Ping | Purpose::Replicate => {}
+            Purpose::Seed => {
+                self.seeds_pending = self.seeds_pending.saturating_sub(1);
+                self.check_bootstrap_done(now);
+            }
+            Purpose::Query(query) => {
+                let Some(q) = self.queries.get_mut(&query) else { return };
+                match &mut q.phase {
+                    Phase::Lookup => {
+                        if let Some(to) = pending.to {
+                            q.lookup.failed(&to);
+                        }
+                        self.advance(now, query);
+                    }
+                    Phase::Storing { outstanding, .. } => {
+                        *outstanding -= 1;
+                        if *outstanding == 0 {
+                            self.finish_store(now, query);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A contact sent us something: add or refresh it, ping a bucket head
+    /// if needed, and replicate records it should now hold.
+    fn learn(&mut self, now: Instant, contact: Contact) {
+        match self.table.observe(contact, now) {
+            Observed::PingNeeded { ping } => self.send_background(now, ping, Request::Ping, Purpose::Ping),
+            Observed::Inserted | Observed::Replaced { .. } => self.replicate_to_newcomer(now, contact),
+            Observed::Local | Observed::Refreshed | Observed::Cached => {}
+        }
+    }
+
+    fn contacts_from_peer(&mut self, mut contacts: Vec<Contact>) -> Vec<Contact> {
+        if contacts.len() > self.config.bucket_size {
+            self.counters.contacts_dropped += (contacts.len() - self.config.bucket_size) as u64;
+            contacts.truncate(self.config.bucket_size);
+        }
+        contacts
+    }
+
+    fn query_response(&mut self, now: Instant, query: QueryId, from: Contact, response: Response) {
+        let providers_max = self.config.providers_per_key_max;
+        let Some(q) = self.queries.get(&query) else { return };
+        if let Phase::Storing { .. } = q.phase {
+            let accepted = matches!(response, Response::Stored);
+            let Some(Query { phase: Phase::Storing { outstanding, stored }, .. }) = self.queries.get_mut(&query) else {
+                return;
+            };
+            *outstanding -= 1;
+            *stored += usize::from(accepted);
+            if *outstanding == 0 {
+                self.finish_store(now, query);
+            }
+            return;
+        }
+        let key = *q.lookup.target();
+        let want = match q.goal {
+            Goal::GetManifest => Want::Manifest,
+            Goal::GetKeywords { .. } => Want::Keywords,
+            Goal::GetProviders { .. } => Want::Providers,
+            _ => Want::Nodes,
+        };
+        let mut closer = Vec::new();
+        let mut value = None;
+        match (response, want) {
+            (Response::Nodes { closer: c }, _) => closer = c,
+            (Response::Value { record: Record::Manifest(m) }, Want::Manifest) => {
+                if m.validate_for(&FileId(key)).is_ok() {
+                    value = Some(QueryResult::GetManifest { manifest: Some(m) });
+                } else {
+                    // A forged manifest is never accepted (manifest.rs: the
+                    // id certifies the manifest).
+                    self.counters.values_rejected += 1;
+                }
+            }
+            (Response::Value { record: Record::Keywords(entries) }, Want::Keywords) => {
+                let total = entries.len();
+                let mut good: Vec<KeywordEntry> =
+                    entries.into_iter().filter(|e| keywords::entry_belongs_to(e, &key)).collect();
+                self.counters.values_rejected += (total - good.len()) as u64;
+                good.truncate(self.config.keyword_entries_per_key_max);
+                if !good.is_empty() {
+                    value = Some(QueryResult::Search { entries: good });
+                }
+            }
+            (Response::Providers { providers, closer: c }, Want::Providers) => {
+                closer = c;
+                if let Some(Query { goal: Goal::GetProviders { found }, .. }) = self.queries.get_mut(&query) {
+                    for p in providers {
+                        if found.len() >= providers_max {
+                            break;
+                        }
+                        found.insert(p.id, p);
+                    }
+                }
+            }
+            // Errors and mismatched answers: the peer is alive but helped
+            // nothing; it counts as answered for termination.
+            _ => {}
+        }
+        let closer = self.contacts_from_peer(closer);
+        let Some(q) = self.queries.get_mut(&query) else { return };
+        q.lookup.answered(&from.id, closer);
+        if let Some(result) = value {
+            // FIND_VALUE stops at the first valid value (Kademlia §2.3).
+            self.finish_query(now, query, true, Some(result));
+            return;
+        }
+        self.advance(now, query);
+    }
+
+    // ---- queries -------------------------------------------------------
+
+    fn alloc_query(&mut self) -> QueryId {
+        self.next_query += 1;
+        QueryId(self.next_query)
+    }
+
+    fn start_query(
+        &mut self,
+        now: Instant,
+        target: RecordKey,
+        goal: Goal,
+        user: bool,
+        seed: Option<(Contact, Vec<Contact>)>,
+    ) -> QueryId {
+        let id = self.alloc_query();
+        if self.queries.len() >= self.config.queries_max {
+            self.counters.queries_refused += 1;
+            let query = Query {
+                goal,
+                lookup: Lookup::new(target, self.local.id, 1, 1, self.config.query_candidates_max),
+                phase: Phase::Lookup,
+                started: now,
+                deadline: now,
+                user,
+                store_messages: 0,
+            };
+            self.report(now, id, query, false, None);
+            return id;
+        }
+        let k = self.config.bucket_size;
+        let mut lookup =
+            Lookup::new(target, self.local.id, k, self.config.parallelism, self.config.query_candidates_max);
+        lookup.add(0, self.table.closest(&target, k));
+        if let Some((answered, closer)) = seed {
+            lookup.add_answered(answered);
+            lookup.add(1, closer);
+        }
+        self.table.touch(&target, now);
+        let deadline = now + KadConfig::ms(self.config.query_timeout_ms);
+        let query = Query { goal, lookup, phase: Phase::Lookup, started: now, deadline, user, store_messages: 0 };
+        self.queries.insert(id, query);
+        self.timers.insert((deadline, Timer::Query(id)));
+        self.advance(now, id);
+        id
+    }
+
+    /// Send as many requests as the lookup allows, or finish it.
+    fn advance(&mut self, now: Instant, query: QueryId) {
+        let Some(q) = self.queries.get_mut(&query) else { return };
+        if !matches!(q.phase, Phase::Lookup) {
+            return;
+        }
+        if q.lookup.is_finished() {
+            self.lookup_done(now, query);
+            return;
+        }
+        let target = *q.lookup.target();
+        let mut sends = Vec::new();
+        while let Some((contact, _)) = q.lookup.next() {
+            let request = match &q.goal {
+                Goal::GetManifest | Goal::GetKeywords { .. } => Request::FindValue { key: target },
+                Goal::GetProviders { .. } => Request::GetProviders { file: FileId(target) },
+                Goal::FindNode | Goal::Store { .. } | Goal::Bootstrap | Goal::Refresh => Request::FindNode { target },
+            };
+            sends.push((contact, request));
+        }
+        for (contact, request) in sends {
+            self.send(now, contact, request, Purpose::Query(query));
+        }
+    }
+
+    fn lookup_done(&mut self, now: Instant, query: QueryId) {
+        let Some(q) = self.queries.get_mut(&query) else { return };
+        let Goal::Store { request } = &q.goal else {
+            let success = match &q.goal {
+                Goal::FindNode | Goal::Bootstrap | Goal::Refresh => !q.lookup.closest_answered().is_empty(),
+                Goal::GetProviders { found } => !found.is_empty(),
+                _ => false,
+            };
+            self.finish_query(now, query, success, None);
+            return;
+        };
+        // STORE / ADD_PROVIDER to the k closest that answered (Kademlia §2.3).
+        let request = request.clone();
+        let targets = q.lookup.closest_answered();
+        if targets.is_empty() {
+            self.finish_store(now, query);
+            return;
+        }
+        q.phase = Phase::Storing { outstanding: targets.len(), stored: 0 };
+        q.store_messages = targets.len() as u32;
+        if let Request::Store { key, .. } = &request {
+            self.store.mark_replicated(key, now);
+        }
+        for contact in targets {
+            self.send(now, contact, request.clone(), Purpose::Query(query));
+        }
+    }
+
+    fn finish_store(&mut self, now: Instant, query: QueryId) {
+        let stored = match self.queries.get(&query).map(|q| &q.phase) {
+            Some(Phase::Storing { stored, .. }) => *stored,
+            _ => 0,
+        };
+        self.finish_query(now, query, stored > 0, Some(QueryResult::Stored { stored }));
+    }
+
+    fn query_timed_out(&mut self, now: Instant, query: QueryId) {
+        let Some(q) = self.queries.get(&query) else { return };
+        match q.phase {
+            Phase::Storing { .. } => self.finish_store(now, query),
+            Phase::Lookup => self.finish_query(now, query, false, None),
+        }
+    }
+
+    /// End a query: `result` if given, else what its lookup has.
+    fn finish_query(&mut self, now: Instant, query: QueryId, success: bool, result: Option<QueryResult>) {
+        let Some(q) = self.queries.remove(&query) else { return };
+        self.timers.remove(&(q.deadline, Timer::Query(query)));
+        // Requests still in flight stay pending and are ignored when they
+        // answer or time out (the query is gone).
+        match q.goal {
+            Goal::Bootstrap => {
+                self.bootstrap_query = None;
+                self.check_bootstrap_done(now);
+                if !self.table.is_empty() {
+                    self.refresh_after_bootstrap(now);
+                }
+            }
+            Goal::Refresh => {}
+            _ => self.report(now, query, q, success, result),
+        }
+    }
+
+    fn report(&mut self, now: Instant, id: QueryId, q: Query, success: bool, result: Option<QueryResult>) {
+        let stats = QueryStats {
+            rounds: q.lookup.rounds,
+            messages: q.lookup.messages + q.store_messages,
+            duration: now - q.started,
+            success,
+        };
+        self.counters.contacts_dropped += q.lookup.dropped;
+        let result = match (q.goal, result) {
+            (Goal::GetKeywords { search }, result) => {
+                let entries = match result {
+                    Some(QueryResult::Search { entries }) => Some(entries),
+                    _ => None,
+                };
+                self.search_part_done(now, search, entries, stats.rounds, stats.messages);
+                return;
+            }
+            (_, Some(result)) => result,
+            (Goal::FindNode, None) => QueryResult::FindNode { closest: q.lookup.closest_answered() },
+            (Goal::GetManifest, None) => QueryResult::GetManifest { manifest: None },
+            (Goal::GetProviders { found }, None) => {
+                QueryResult::GetProviders { providers: found.into_values().collect() }
+            }
+            (Goal::Store { .. }, None) => QueryResult::Stored { stored: 0 },
+            (Goal::Bootstrap | Goal::Refresh, None) => return,
+        };
+        if q.user {
+            self.emit_finished(id, stats, result);
+        }
+    }
+
+    fn search_part_done(
+        &mut self,
+        now: Instant,
+        id: QueryId,
+        entries: Option<Vec<KeywordEntry>>,
+        rounds: u32,
+        messages: u32,
+    ) {
+        let Some(search) = self.searches.get_mut(&id) else { return };
+        search.remaining -= 1;
+        search.rounds = search.rounds.max(rounds);
+        search.messages += messages;
+        search.success &= entries.is_some();
+        search.results.push(entries.unwrap_or_default());
+        if search.remaining > 0 {
+            return;
+        }
+        let Some(search) = self.searches.remove(&id) else { return };
+        // Intersect by file: keep files found under every token.
+        let mut matches: BTreeMap<FileId, KeywordEntry> = BTreeMap::new();
+        if let Some((first, rest)) = search.results.split_first() {
+            for entry in first {
+                if rest.iter().all(|set| set.iter().any(|e| e.file == entry.file)) {
+                    matches.entry(entry.file).or_insert_with(|| entry.clone());
+                }
+            }
+        }
+        let stats = QueryStats {
+            rounds: search.rounds,
+            messages: search.messages,
+            duration: now - search.started,
+            success: search.success,
+        };
+        self.emit_finished(id, stats, QueryResult::Search { entries: matches.into_values().collect() });
+    }
+
+    fn emit_finished(&mut self, id: QueryId, stats: QueryStats, result: QueryResult) {
+        self.outputs.push_back(KadOutput::Event(KadEvent::QueryFinished { id, stats, result }));
+    }
+
+    // ---- sending -------------------------------------------------------
+
+    fn alloc_request(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    fn track(&mut self, now: Instant, id: RequestId, to: Option<NodeId>, purpose: Purpose) {
+        let deadline = now + KadConfig::ms(self.config.request_timeout_ms);
+        self.pending.insert(id, Pending { to, purpose, deadline });
+        self.timers.insert((deadline, Timer::Request(id)));
+        self.counters.requests_sent += 1;
+    }
+
+    fn send(&mut self, now: Instant, to: Contact, request: Request, purpose: Purpose) {
+        let id = self.alloc_request();
+        self.track(now, id, Some(to.id), purpose);
+        self.outputs.push_back(KadOutput::Send { to, id, request });
+    }
+
+    /// Pings and replication: skipped and counted beyond
+    /// `background_requests_inflight_max`.
+    fn send_background(&mut self, now: Instant, to: Contact, request: Request, purpose: Purpose) {
+        if self.background_inflight >= self.config.background_requests_inflight_max {
+            self.counters.background_skipped += 1;
+            return;
+        }
+        self.background_inflight += 1;
+        self.send(now, to, request, purpose);
+    }
+
+    // ---- bootstrap -----------------------------------------------------
+
+    fn send_to_seeds(&mut self, now: Instant) {
+        let target = self.local.id.0;
+        for addr in self.seeds.clone() {
+            let id = self.alloc_request();
+            self.track(now, id, None, Purpose::Seed);
+            self.seeds_pending += 1;
+            self.outputs.push_back(KadOutput::SendToAddress { addr, id, request: Request::FindNode { target } });
+        }
+        if self.seeds.is_empty() {
+            self.check_bootstrap_done(now);
+        }
+    }
+
+    /// A seed answered: continue with a self-lookup seeded by its answer.
+    fn seed_answered(&mut self, now: Instant, from: Contact, response: Response) {
+        self.seeds_pending = self.seeds_pending.saturating_sub(1);
+        let closer = match response {
+            Response::Nodes { closer } => self.contacts_from_peer(closer),
+            _ => Vec::new(),
+        };
+        match self.bootstrap_query.and_then(|q| self.queries.get_mut(&q)) {
+            Some(q) => {
+                q.lookup.add_answered(from);
+                q.lookup.add(1, closer);
+                let id = self.bootstrap_query;
+                if let Some(id) = id {
+                    self.advance(now, id);
+                }
+            }
+            None => {
+                let target = self.local.id.0;
+                let id = self.start_query(now, target, Goal::Bootstrap, false, Some((from, closer)));
+                if self.queries.contains_key(&id) {
+                    self.bootstrap_query = Some(id);
+                }
+            }
+        }
+        self.check_bootstrap_done(now);
+    }
+
+    /// Once no seed request and no bootstrap lookup is running, report the
+    /// outcome and schedule a retry if the table is still empty.
+    fn check_bootstrap_done(&mut self, now: Instant) {
+        if self.seeds_pending > 0 || self.bootstrap_query.is_some() || self.bootstrap_retry_at.is_some() {
+            return;
+        }
+        let contacts = self.table.len();
+        self.outputs.push_back(KadOutput::Event(KadEvent::Bootstrapped { contacts }));
+        if contacts == 0 && !self.seeds.is_empty() {
+            self.bootstrap_retry_at = Some(now + self.bootstrap_backoff);
+            let max = KadConfig::ms(self.config.bootstrap_backoff_max_ms);
+            self.bootstrap_backoff = (self.bootstrap_backoff * 2).min(max);
+        } else {
+            self.bootstrap_backoff = KadConfig::ms(self.config.bootstrap_backoff_initial_ms);
+        }
+    }
+
+    /// Refresh every bucket farther than our closest neighbour (Kademlia
+    /// §2.3, joining).
+    fn refresh_after_bootstrap(&mut self, now: Instant) {
+        let Some(nearest) = self.table.nearest_bucket() else { return };
+        for index in nearest + 1..routing::BUCKETS {
+            self.refresh_bucket(now, index);
+        }
+    }
+
+    fn refresh_bucket(&mut self, now: Instant, index: usize) {
+        let target = self.table.random_id_in(index, &mut self.rng);
+        self.start_query(now, target.0, Goal::Refresh, false, None);
+    }
+
+    // ---- maintenance: expiry, republish, replication, refresh -----------
+
+    fn publish(&mut self, key: Publication, item: Published) {
+        if !self.published.contains_key(&key) && self.published.len() >= self.config.published_max {
+            self.counters.published_refused += 1;
+            return;
+        }
+        self.published.insert(key, item);
+    }
+
+    fn store_keywords(&mut self, now: Instant, entry: &KeywordEntry) -> usize {
+        let mut tokens = keywords::tokens(&entry.name);
+        tokens.truncate(self.config.search_tokens_max);
+        for token in &tokens {
+            let key = keywords::keyword_key(token);
+            let _ = self.store.put_keywords(&key, vec![entry.clone()], self.local.id, now);
+            let request = Request::Store { key, record: Record::Keywords(vec![entry.clone()]) };
+            self.start_query(now, key, Goal::Store { request }, false, None);
+        }
+        tokens.len()
+    }
+
+    fn maintain(&mut self, now: Instant) {
+        self.store.expire(now);
+        self.republish(now);
+        self.replicate(now);
+        let idle = KadConfig::ms(self.config.bucket_refresh_interval_ms);
+        for index in self.table.buckets_idle(now, idle) {
+            self.refresh_bucket(now, index);
+        }
+        if self.table.is_empty()
+            && !self.seeds.is_empty()
+            && self.bootstrap_retry_at.is_none()
+            && self.bootstrap_query.is_none()
+            && self.seeds_pending == 0
+        {
+            self.bootstrap_retry_at = Some(now + self.bootstrap_backoff);
+        }
+    }
+
+    /// The originator stores its records again before they lapse
+    /// (Kademlia §2.5).
+    fn republish(&mut self, now: Instant) {
+        let due: Vec<Publication> =
+            self.published.iter().filter(|(_, p)| p.next_at <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            let Some(item) = self.published.get_mut(&key) else { continue };
+            let interval = match key {
+                Publication::Provider(_) => self.config.provider_republish_interval_ms,
+                _ => self.config.record_republish_interval_ms,
+            };
+            item.next_at = now + KadConfig::ms(interval);
+            let (manifest, entry) = (item.manifest.clone(), item.entry.clone());
+            match (key, manifest, entry) {
+                (Publication::Manifest(file), Some(manifest), _) => {
+                    let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now);
+                    let request = Request::Store { key: file.0, record: Record::Manifest(manifest) };
+                    self.start_query(now, file.0, Goal::Store { request }, false, None);
+                }
+                (Publication::Provider(file), _, _) => {
+                    let _ = self.store.add_provider(file, self.local, now);
+                    let request = Request::AddProvider { file, provider: self.local };
+                    self.start_query(now, file.0, Goal::Store { request }, false, None);
+                }
+                (Publication::Keywords(_), _, Some(entry)) => {
+                    self.store_keywords(now, &entry);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Holders push records to the current k closest every
+    /// `record_replicate_interval_ms`, unless someone stored it to them in
+    /// that time (Kademlia §2.5's optimisation), so a record survives its
+    /// holders leaving.
+    fn replicate(&mut self, now: Instant) {
+        let interval = KadConfig::ms(self.config.record_replicate_interval_ms);
+        let mut due: Vec<(RecordKey, Record)> = Vec::new();
+        for (file, held) in self.store.manifests() {
+            if now - held.replicated_at >= interval && held.expires > now {
+                due.push((file.0, Record::Manifest(held.manifest.clone())));
+            }
+        }
+        for (key, entries, replicated_at) in self.store.keyword_keys() {
+            if now - replicated_at >= interval {
+                let live: Vec<KeywordEntry> = entries
+                    .iter()
+                    .filter(|h| h.expires > now)
+                    .rev()
+                    .take(self.config.keyword_entries_per_store_max)
+                    .map(|h| h.entry.clone())
+                    .collect();
+                if !live.is_empty() {
+                    due.push((*key, Record::Keywords(live)));
+                }
+            }
+        }
+        for (key, record) in due {
+            if self.queries.len() >= self.config.queries_max {
+                break; // the rest are still due next tick
+            }
+            self.store.mark_replicated(&key, now);
+            let request = Request::Store { key, record };
+            self.start_query(now, key, Goal::Store { request }, false, None);
+        }
+    }
+
+    /// Kademlia §2.5: a node that learns of a new contact stores to it the
+    /// records it is now among the k closest for.
+    fn replicate_to_newcomer(&mut self, now: Instant, newcomer: Contact) {
+        let k = self.config.bucket_size;
+        let mut sends: Vec<Request> = Vec::new();
+        let is_close = |table: &RoutingTable, key: &RecordKey| {
+            let d = newcomer.id.distance(key);
+            // Among the k closest we know, and we hold the record too.
+            table.closest(key, k).last().is_none_or(|far| d <= far.id.distance(key))
+        };
+        for (file, held) in self.store.manifests() {
+            if held.expires > now && is_close(&self.table, &file.0) {
+                sends.push(Request::Store { key: file.0, record: Record::Manifest(held.manifest.clone()) });
+            }
+        }
+        for (key, entries, _) in self.store.keyword_keys() {
+            if is_close(&self.table, key) {
+                let live: Vec<KeywordEntry> = entries
+                    .iter()
+                    .filter(|h| h.expires > now)
+                    .rev()
+                    .take(self.config.keyword_entries_per_store_max)
+                    .map(|h| h.entry.clone())
+                    .collect();
+                if !live.is_empty() {
+                    sends.push(Request::Store { key: *key, record: Record::Keywords(live) });
+                }
+            }
+        }
+        for request in sends {
+            self.send_background(now, newcomer, request, Purpose::Replicate);
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! Machine-level tests: a single [`Kademlia`] driven by hand, and many on
+//! the in-process [`Network`] harness (fixed latency, silent crashes).
+//! Outcomes are printed with `eprintln!` (run with `--nocapture`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use rand::rngs::ChaCha8Rng;
+use rand::{Rng, RngExt, SeedableRng};
+
+use super::*;
+use crate::content::{Content, Layout, PieceHash};
+use crate::ids::Distance;
+use crate::testkit::{Machine, Network, NodeIndex};
+use crate::wire::Message;
+
+// ---- harness adapter ------------------------------------------------------
+
+fn addr_of(index: NodeIndex) -> SocketAddr {
+    let i = u32::try_from(index).unwrap();
+    SocketAddr::from((Ipv4Addr::from(0x0a00_0000 | i), 4000))
+}
+
+fn index_of(addr: SocketAddr) -> NodeIndex {
+    match addr {
+        SocketAddr::V4(v4) => (u32::from(*v4.ip()) & 0x00ff_ffff) as NodeIndex,
+        SocketAddr::V6(_) => usize::MAX,
+    }
+}
+
+/// A Kademlia machine on the harness. Messages carry the sender's contact,
+/// standing in for the identity a real connection's handshake proves.
+struct Node {
+    kad: Kademlia,
+    outbox: VecDeque<(NodeIndex, (Contact, Message))>,
+    events: Vec<KadEvent>,
+}
+
+impl Node {
+    fn new(config: KadConfig, index: NodeIndex, id: NodeId, seed: [u8; 32]) -> Self {
+        let local = Contact { id, addr: addr_of(index) };
+        Self { kad: Kademlia::new(config, local, seed, Instant::ZERO), outbox: VecDeque::new(), events: Vec::new() }
+    }
+
+    /// Move the machine's outputs to the harness (a driver's drain loop).
+    fn drain(&mut self) {
+        let me = self.kad.local();
+        while let Some(output) = self.kad.poll_output() {
+            match output {
+                KadOutput::Send { to, id, request } => {
+                    self.outbox.push_back((index_of(to.addr), (me, Message::Request { id, body: request })));
+                }
+                KadOutput::SendToAddress { addr, id, request } => {
+                    self.outbox.push_back((index_of(addr), (me, Message::Request { id, body: request })));
+                }
+                KadOutput::Respond { to, id, response } => {
+                    self.outbox.push_back((index_of(to.addr), (me, Message::Response { id, body: response })));
+                }
+                KadOutput::Event(event) => self.events.push(event),
+            }
+        }
+    }
+
+    fn finished(&self, query: QueryId) -> Option<(QueryStats, QueryResult)> {
+        self.events.iter().find_map(|e| match e {
+            KadEvent::QueryFinished { id, stats, result } if *id == query => Some((*stats, result.clone())),
+            _ => None,
+        })
+    }
+}
+
+impl Machine for Node {
+    type Message = (Contact, Message);
+
+    fn handle_message(&mut self, now: Instant, _from: NodeIndex, (sender, message): (Contact, Message)) {
+        let input = match message {
+            Message::Request { id, body } => KadInput::Request { from: sender, id, request: body },
+            Message::Response { id, body } => KadInput::Response { from: sender, id, response: body },
+            _ => return,
+        };
+        self.kad.handle_input(now, input);
+        self.drain();
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.kad.handle_timeout(now);
+        self.drain();
+    }
+
+    fn poll_transmit(&mut self) -> Option<(NodeIndex, (Contact, Message))> {
+        self.outbox.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.kad.poll_timeout()
+    }
+}
+
+const LATENCY: Duration = Duration::from_millis(20);
+
+fn random_key(rng: &mut ChaCha8Rng) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rng.fill_bytes(&mut key);
+    key
+}
+
+/// `n` nodes joining one after another through node 0's address only.
+fn build(n: usize, seed: u64, config: &KadConfig) -> (Network<Node>, ChaCha8Rng) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut net = Network::new(LATENCY);
+    for index in 0..n {
+        let id = NodeId(random_key(&mut rng));
+        let node = Node::new(config.clone(), index, id, random_key(&mut rng));
+        let at = net.add(node);
+        assert_eq!(at, index);
+        if index > 0 {
+            net.with_node(index, |m, now| {
+                m.kad.bootstrap(now, &[addr_of(0)]);
+                m.drain();
+            });
+        }
+        net.run_for(Duration::from_millis(100));
+    }
+    net.run_for(Duration::from_secs(30));
+    (net, rng)
+}
+
+/// Run a query on `node` to completion.
+fn run_query(
+    net: &mut Network<Node>,
+    node: NodeIndex,
+    start: impl FnOnce(&mut Kademlia, Instant) -> QueryId,
+) -> (QueryStats, QueryResult) {
+    let query = net.with_node(node, |m, now| {
+        let q = start(&mut m.kad, now);
+        m.drain();
+        q
+    });
+    let deadline = net.now() + Duration::from_secs(120);
+    assert!(net.run_until_with(deadline, |n| n.node(node).finished(query).is_some()), "query never finished");
+    let result = net.node(node).finished(query).unwrap();
+    // Keep event lists short: later queries search them.
+    net.with_node(node, |m, _| m.events.clear());
+    result
+}
+
+fn closest_live(net: &Network<Node>, target: &[u8; 32]) -> NodeId {
+    net.nodes()
+        .filter(|(i, _)| net.is_alive(*i))
+        .map(|(_, m)| m.kad.local().id)
+        .min_by_key(|id| id.distance(target))
+        .unwrap()
+}
+
+fn percentile(sorted: &[u32], p: usize) -> u32 {
+    sorted[(sorted.len() - 1) * p / 100]
+}
+
+fn histogram(values: &[u32]) -> BTreeMap<u32, usize> {
+    let mut h = BTreeMap::new();
+    for v in values {
+        *h.entry(*v).or_insert(0) += 1;
+    }
+    h
+}
+
+/// `lookups` find_node queries for random keys from random live nodes;
+/// returns (found the closest live node, rounds of each lookup).
+fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize) -> (usize, Vec<u32>, Vec<u32>) {
+    let mut found = 0;
+    let mut rounds = Vec::new();
+    let mut messages = Vec::new();
+    for _ in 0..lookups {
+        let from = loop {
+            let i = rng.random_range(0..net.len());
+            if net.is_alive(i) {
+                break i;
+            }
+        };
+        let target = random_key(rng);
+        let expected = closest_live(net, &target);
+        let (stats, result) = run_query(net, from, |kad, now| kad.find_node(now, target));
+        let QueryResult::FindNode { closest } = result else { panic!("wrong result kind") };
+        // The querying node itself may be the closest; it never lists itself.
+        let best = closest.first().map(|c| c.id);
+        let me = net.node(from).kad.local().id;
+        let best = match best {
+            Some(b) if b.distance(&target) < me.distance(&target) => b,
+            _ => me,
+        };
+        found += usize::from(best == expected);
+        rounds.push(stats.rounds);
+        messages.push(stats.messages);
+    }
+    rounds.sort_unstable();
+    messages.sort_unstable();
+    (found, rounds, messages)
+}
+
+fn sample_manifest(name: &str, size: u64) -> (FileManifest, FileId) {
+    let layout = Layout::for_file(size);
+    let hashes = (0..layout.piece_count()).map(|i| PieceHash([(i as u8) ^ (size as u8); 32])).collect();
+    let content = Content::from_piece_hashes(layout, hashes);
+    (FileManifest::new(name, &content).unwrap(), content.file_id)
+}
+
+// ---- many-node tests --------------------------------------------------------
+
+#[test]
+fn two_thousand_nodes_find_the_closest_node_in_few_rounds() {
+    let (mut net, mut rng) = build(2_000, 1, &KadConfig::default());
+    let sizes: Vec<usize> = net.nodes().map(|(_, m)| m.kad.table().len()).collect();
+    eprintln!(
+        "2000 nodes: table sizes min {} max {} mean {:.1}; {:?}",
+        sizes.iter().min().unwrap(),
+        sizes.iter().max().unwrap(),
+        sizes.iter().sum::<usize>() as f64 / sizes.len() as f64,
+        net.stats()
+    );
+    let (found, rounds, messages) = random_lookups(&mut net, &mut rng, 1_000);
+    eprintln!(
+        "2000 nodes, 1000 lookups: found closest {found}/1000; rounds histogram {:?} (median {}, p90 {}, max {}); \
+         messages median {} p90 {}",
+        histogram(&rounds),
+        percentile(&rounds, 50),
+        percentile(&rounds, 90),
+        rounds[rounds.len() - 1],
+        percentile(&messages, 50),
+        percentile(&messages, 90),
+    );
+    assert_eq!(found, 1_000, "every lookup finds the true closest node");
+    assert!(percentile(&rounds, 50) <= 4, "median rounds {}", percentile(&rounds, 50));
+}
+
+#[test]
+fn lookups_survive_thirty_percent_silent_crashes() {
+    let (mut net, mut rng) = build(2_000, 2, &KadConfig::default());
+    let mut crashed = 0;
+    while crashed < 600 {
+        let i = rng.random_range(0..net.len());
+        if net.is_alive(i) {
+            net.crash(i);
+            crashed += 1;
+        }
+    }
+    let (found, rounds, messages) = random_lookups(&mut net, &mut rng, 1_000);
+    let failed = net.nodes().map(|(_, m)| m.kad.counters().requests_failed).sum::<u64>();
+    eprintln!(
+        "2000 nodes, 600 crashed, 1000 lookups: found closest live {found}/1000; rounds histogram {:?} (median {}); \
+         messages median {} p90 {}; requests failed {failed}",
+        histogram(&rounds),
+        percentile(&rounds, 50),
+        percentile(&messages, 50),
+        percentile(&messages, 90),
+    );
+    assert!(found >= 990, "only {found}/1000 lookups found the closest live node");
+}
+
+fn holders(net: &Network<Node>, file: FileId) -> Vec<NodeIndex> {
+    net.nodes()
+        .filter(|(i, m)| net.is_alive(*i) && m.kad.store().manifest(&file.0, net.now()).is_some())
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn manifests_are_found_everywhere_and_survive_holders_leaving() {
+    let n = 300;
+    let config = KadConfig::default();
+    let k = config.bucket_size;
+    let (mut net, _) = build(n, 3, &config);
+    let (manifest, file) = sample_manifest("movie.mkv", 3_000_000);
+    let origin = 17;
+    let (stats, result) = run_query(&mut net, origin, |kad, now| kad.put_manifest(now, manifest.clone()).unwrap());
+    eprintln!("put_manifest: {result:?} {stats:?}");
+    assert_eq!(result, QueryResult::Stored { stored: k });
+
+    let mut found = 0;
+    for node in (0..n).filter(|&i| i != origin) {
+        let (_, result) = run_query(&mut net, node, |kad, now| kad.get_manifest(now, file));
+        found += usize::from(result == QueryResult::GetManifest { manifest: Some(manifest.clone()) });
+    }
+    eprintln!("manifest found by {found}/{} nodes", n - 1);
+    assert_eq!(found, n - 1);
+
+    // The originator and half of the holders leave silently.
+    let original: Vec<NodeIndex> = holders(&net, file).into_iter().filter(|&i| i != origin).collect();
+    assert!(original.len() >= k, "{} holders", original.len());
+    net.crash(origin);
+    let gone = original.len() / 2;
+    for &i in &original[..gone] {
+        net.crash(i);
+    }
+    eprintln!("crashed the originator and {gone} of {} holders", original.len());
+    // Two replication intervals pass: remaining holders push the record to
+    // the new k closest live nodes.
+    net.run_for(Duration::from_secs(2 * 3_600 + 120));
+    let mut live_by_distance: Vec<(Distance, NodeIndex)> =
+        net.nodes().filter(|(i, _)| net.is_alive(*i)).map(|(i, m)| (m.kad.local().id.distance(&file), i)).collect();
+    live_by_distance.sort_unstable();
+    let now_held = holders(&net, file);
+    let k_closest_holding = live_by_distance.iter().take(k).filter(|(_, i)| now_held.contains(i)).count();
+    eprintln!("after 2h: {} live holders; {k_closest_holding}/{k} of the k closest live nodes hold it", now_held.len());
+    assert_eq!(k_closest_holding, k, "replication restores the record on the k closest live nodes");
+
+    let mut found = 0;
+    let mut asked = 0;
+    let live: Vec<NodeIndex> = (0..n).filter(|&i| net.is_alive(i)).collect();
+    for node in live {
+        asked += 1;
+        let (_, result) = run_query(&mut net, node, |kad, now| kad.get_manifest(now, file));
+        found += usize::from(result == QueryResult::GetManifest { manifest: Some(manifest.clone()) });
+    }
+    eprintln!("after holders left: found by {found}/{asked} live nodes");
+    assert_eq!(found, asked);
+}
+
+#[test]
+fn forged_manifests_are_never_stored_nor_served() {
+    let (mut net, _) = build(60, 4, &KadConfig::default());
+    let (honest, file) = sample_manifest("honest.iso", 2_000_000);
+    let mut forged = honest.clone();
+    forged.piece_hashes.as_mut().unwrap()[0].0[0] ^= 1;
+    let attacker = 5;
+    let attacker_contact = net.node(attacker).kad.local();
+    // The attacker stores the forgery directly on the k closest nodes.
+    let mut by_distance: Vec<(Distance, NodeIndex)> =
+        net.nodes().map(|(i, m)| (m.kad.local().id.distance(&file), i)).collect();
+    by_distance.sort_unstable();
+    for &(_, victim) in by_distance.iter().take(20) {
+        net.with_node(victim, |m, now| {
+            let request = Request::Store { key: file.0, record: Record::Manifest(forged.clone()) };
+            m.kad.handle_input(now, KadInput::Request { from: attacker_contact, id: RequestId(900), request });
+            let responses: Vec<KadOutput> = std::iter::from_fn(|| m.kad.poll_output()).collect();
+            assert!(
+                responses.iter().any(|o| matches!(
+                    o,
+                    KadOutput::Respond { response: Response::Error { code: ErrorCode::Invalid }, .. }
+                )),
+                "forgery refused: {responses:?}"
+            );
+        });
+    }
+    assert!(holders(&net, file).is_empty());
+    let (_, result) = run_query(&mut net, 30, |kad, now| kad.get_manifest(now, file));
+    assert_eq!(result, QueryResult::GetManifest { manifest: None });
+    // The honest manifest is still accepted afterwards.
+    run_query(&mut net, 31, |kad, now| kad.put_manifest(now, honest.clone()).unwrap());
+    let (_, result) = run_query(&mut net, 30, |kad, now| kad.get_manifest(now, file));
+    assert_eq!(result, QueryResult::GetManifest { manifest: Some(honest) });
+}
+
+#[test]
+fn a_provider_flood_from_one_peer_is_bounded() {
+    let config = KadConfig { records_per_peer_max: 50, providers_per_key_max: 8, ..KadConfig::default() };
+    let (mut net, _) = build(40, 5, &config);
+    let victim = 7;
+    let attacker = net.node(3).kad.local();
+    let flooded = net.with_node(victim, |m, now| {
+        let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+        // 1,000 distinct files announced by the attacker itself.
+        for n in 0..1_000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&n.to_be_bytes());
+            let request = Request::AddProvider { file: FileId(key), provider: attacker };
+            m.kad.handle_input(now, KadInput::Request { from: attacker, id: RequestId(u64::from(n)), request });
+        }
+        // Spoofed: announcing other nodes as providers.
+        for n in 0..100u8 {
+            let victim_contact = Contact { id: NodeId([n; 32]), addr: attacker.addr };
+            let request = Request::AddProvider { file: FileId([1; 32]), provider: victim_contact };
+            m.kad.handle_input(now, KadInput::Request { from: attacker, id: RequestId(5_000), request });
+        }
+        // A sybil flood of one key from 100 identities.
+        for n in 0..100u8 {
+            let sybil = Contact { id: NodeId([n ^ 0x55; 32]), addr: attacker.addr };
+            let request = Request::AddProvider { file: FileId([2; 32]), provider: sybil };
+            m.kad.handle_input(now, KadInput::Request { from: sybil, id: RequestId(6_000), request });
+        }
+        while let Some(output) = m.kad.poll_output() {
+            if let KadOutput::Respond { response, .. } = output {
+                let name = match response {
+                    Response::Stored => "stored",
+                    Response::Error { code: ErrorCode::Overloaded } => "overloaded",
+                    Response::Error { code: ErrorCode::Invalid } => "invalid",
+                    _ => "other",
+                };
+                *outcomes.entry(name).or_insert(0) += 1;
+            }
+        }
+        outcomes
+    });
+    let kad = &net.node(victim).kad;
+    eprintln!("provider flood outcomes: {flooded:?}; counters {:?}", kad.counters());
+    assert_eq!(kad.store().charged_to(&attacker.id), 50);
+    assert_eq!(kad.counters().providers_spoofed, 100);
+    assert_eq!(kad.store().provider_count(&FileId([1; 32])), 0);
+    assert_eq!(kad.store().provider_count(&FileId([2; 32])), 8);
+    assert_eq!(flooded.get("stored"), Some(&58));
+    assert_eq!(flooded.get("invalid"), Some(&100));
+    assert_eq!(flooded.get("overloaded"), Some(&(950 + 92)));
+}
+
+#[test]
+fn name_search_intersects_tokens() {
+    let (mut net, _) = build(100, 6, &KadConfig::default());
+    let files = [
+        ("Ubuntu 24.04 desktop amd64.iso", 11u8, 4_000_000_000u64),
+        ("ubuntu-server.iso", 12, 2_000_000_000),
+        ("debian.iso", 13, 600_000_000),
+    ];
+    for (i, (name, tag, size)) in files.iter().enumerate() {
+        let entry = KeywordEntry { file: FileId([*tag; 32]), name: (*name).to_owned(), size: *size };
+        net.with_node(10 + i, |m, now| {
+            m.kad.publish_keywords(now, entry);
+            m.drain();
+        });
+    }
+    net.run_for(Duration::from_secs(30));
+    let (stats, result) = run_query(&mut net, 50, |kad, now| kad.search(now, "ubuntu iso"));
+    let QueryResult::Search { entries } = result else { panic!("not a search result") };
+    let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    eprintln!("search \"ubuntu iso\": {names:?} {stats:?}");
+    assert_eq!(names, vec!["Ubuntu 24.04 desktop amd64.iso", "ubuntu-server.iso"]);
+    let (_, result) = run_query(&mut net, 60, |kad, now| kad.search(now, "Debian"));
+    assert!(matches!(result, QueryResult::Search { entries } if entries.len() == 1 && entries[0].name == "debian.iso"));
+    let (_, result) = run_query(&mut net, 61, |kad, now| kad.search(now, "fedora iso"));
+    assert_eq!(result, QueryResult::Search { entries: Vec::new() });
+}
+
+#[test]
+fn providers_are_found_and_expire_without_republish() {
+    let config = KadConfig::default();
+    let (mut net, _) = build(80, 7, &config);
+    let file = FileId([0x42; 32]);
+    let provider = net.node(9).kad.local();
+    let (_, stored) = run_query(&mut net, 9, |kad, now| kad.add_provider(now, file));
+    assert_eq!(stored, QueryResult::Stored { stored: config.bucket_size });
+    let (_, result) = run_query(&mut net, 40, |kad, now| kad.get_providers(now, file));
+    assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
+    // Still there after a day: the provider republishes before the TTL.
+    net.run_for(Duration::from_secs(24 * 3_600));
+    let (_, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file));
+    assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
+    // It stops providing: the records lapse at their TTL.
+    net.with_node(9, |m, _| m.kad.stop_providing(file));
+    net.run_for(Duration::from_millis(config.provider_ttl_ms) + Duration::from_secs(120));
+    let (stats, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file));
+    assert_eq!(result, QueryResult::GetProviders { providers: Vec::new() });
+    assert!(!stats.success);
+}
+
+// ---- single-machine tests -----------------------------------------------------
+
+fn contact(n: u8) -> Contact {
+    let mut id = [0u8; 32];
+    id[0] = n;
+    Contact { id: NodeId(id), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, u16::from(n) + 1000)) }
+}
+
+fn machine(config: KadConfig) -> Kademlia {
+    Kademlia::new(config, Contact { id: NodeId([0xff; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO)
+}
+
+fn drain(kad: &mut Kademlia) -> Vec<KadOutput> {
+    std::iter::from_fn(|| kad.poll_output()).collect()
+}
+
+fn sends(outputs: &[KadOutput]) -> Vec<(Contact, RequestId, Request)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            KadOutput::Send { to, id, request } => Some((*to, *id, request.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn lookup_ends_by_the_kademlia_rule_and_marks_silent_contacts_stale() {
+    let config = KadConfig { bucket_size: 2, parallelism: 2, ..KadConfig::default() };
+    // Local id zero: 0x01.., 0x10.., 0x20.. fall in three different buckets,
+    // so no ping-before-evict interferes.
+    let mut kad =
+        Kademlia::new(config.clone(), Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO);
+    let t0 = Instant::ZERO;
+    // Learn two contacts by receiving pings from them.
+    for n in [0x10, 0x20] {
+        kad.handle_input(t0, KadInput::Request { from: contact(n), id: RequestId(1), request: Request::Ping });
+    }
+    drain(&mut kad);
+    let query = kad.find_node(t0, [0x01; 32]);
+    let first = sends(&drain(&mut kad));
+    assert_eq!(first.iter().map(|(c, ..)| c.id.0[0]).collect::<Vec<_>>(), vec![0x10, 0x20], "alpha = 2, closest");
+    // 0x10 answers with a closer node; 0x20 stays silent.
+    let response = Response::Nodes { closer: vec![contact(0x01)] };
+    kad.handle_input(t0, KadInput::Response { from: contact(0x10), id: first[0].1, response });
+    let second = sends(&drain(&mut kad));
+    assert_eq!(second.iter().map(|(c, ..)| c.id.0[0]).collect::<Vec<_>>(), vec![0x01]);
+    kad.handle_input(
+        t0,
+        KadInput::Response { from: contact(0x01), id: second[0].1, response: Response::Nodes { closer: vec![] } },
+    );
+    // The two closest live (0x01, 0x10) answered: finished without waiting for 0x20.
+    let outputs = drain(&mut kad);
+    let finished = outputs.iter().find_map(|o| match o {
+        KadOutput::Event(KadEvent::QueryFinished { id, stats, result }) if *id == query => Some((stats, result)),
+        _ => None,
+    });
+    let (stats, result) = finished.expect("finished by the Kademlia rule");
+    assert_eq!(result, &QueryResult::FindNode { closest: vec![contact(0x01), contact(0x10)] });
+    assert_eq!((stats.rounds, stats.messages, stats.success), (2, 3, true));
+    // Early and spurious timeouts do nothing; the silent request times out.
+    kad.handle_timeout(t0);
+    kad.handle_timeout(t0 + Duration::from_millis(1));
+    assert_eq!(kad.counters().requests_failed, 0);
+    let timeout = kad.poll_timeout().unwrap();
+    assert_eq!(timeout, t0 + Duration::from_millis(config.request_timeout_ms));
+    kad.handle_timeout(timeout);
+    kad.handle_timeout(timeout);
+    assert_eq!(kad.counters().requests_failed, 1);
+    let stale = kad.table().entries().find(|e| e.contact.id == contact(0x20).id).unwrap();
+    assert_eq!(stale.failures, 1, "unresponsive contact marked stale");
+    // A late answer is dropped and counted.
+    kad.handle_input(timeout, KadInput::Response { from: contact(0x20), id: first[1].1, response: Response::Pong });
+    assert_eq!(kad.counters().responses_unexpected, 1);
+}
+
+#[test]
+fn find_value_stops_at_a_valid_value_and_skips_forgeries() {
+    let mut kad = machine(KadConfig { parallelism: 1, ..KadConfig::default() });
+    let (manifest, file) = sample_manifest("x.bin", 500_000);
+    let mut forged = manifest.clone();
+    forged.size += 1;
+    for n in [0x10, 0x20, 0x30] {
+        kad.handle_input(
+            Instant::ZERO,
+            KadInput::Request { from: contact(n), id: RequestId(1), request: Request::Ping },
+        );
+    }
+    drain(&mut kad);
+    let query = kad.get_manifest(Instant::ZERO, file);
+    let mut answers = vec![Record::Manifest(forged), Record::Manifest(manifest.clone())].into_iter();
+    let mut asked = 0;
+    let result = loop {
+        let outputs = drain(&mut kad);
+        if let Some(result) = outputs.iter().find_map(|o| match o {
+            KadOutput::Event(KadEvent::QueryFinished { id, result, .. }) if *id == query => Some(result.clone()),
+            _ => None,
+        }) {
+            break result;
+        }
+        let (to, id, request) = sends(&outputs).pop().expect("lookup continues");
+        assert_eq!(request, Request::FindValue { key: file.0 });
+        asked += 1;
+        let record = answers.next().expect("stops after the valid value");
+        kad.handle_input(Instant::ZERO, KadInput::Response { from: to, id, response: Response::Value { record } });
+    };
+    assert_eq!(result, QueryResult::GetManifest { manifest: Some(manifest) });
+    assert_eq!(asked, 2);
+    assert_eq!(kad.counters().values_rejected, 1);
+}
+
+#[test]
+fn empty_table_retries_bootstrap_with_backoff() {
+    let config = KadConfig::default();
+    let mut kad = machine(config.clone());
+    let seed = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+    kad.bootstrap(Instant::ZERO, &[seed]);
+    let mut attempts = Vec::new();
+    let mut now = Instant::ZERO;
+    for _ in 0..4 {
+        let outputs = drain(&mut kad);
+        for o in &outputs {
+            if let KadOutput::SendToAddress { addr, id, .. } = o {
+                assert_eq!(*addr, seed);
+                attempts.push(now);
+                kad.handle_input(now, KadInput::RequestFailed { id: *id });
+            }
+        }
+        assert!(drain(&mut kad).contains(&KadOutput::Event(KadEvent::Bootstrapped { contacts: 0 })));
+        now = kad.poll_timeout().unwrap();
+        kad.handle_timeout(now);
+    }
+    let gaps: Vec<u64> = attempts.windows(2).map(|w| (w[1] - w[0]).as_millis() as u64).collect();
+    assert_eq!(gaps, vec![1_000, 2_000, 4_000]);
+}
+
+#[test]
+fn seed_answer_fills_the_table() {
+    let mut kad = machine(KadConfig::default());
+    let seed = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+    kad.bootstrap(Instant::ZERO, &[seed]);
+    let outputs = drain(&mut kad);
+    let Some(KadOutput::SendToAddress { id, request, .. }) = outputs.first() else { panic!("{outputs:?}") };
+    assert_eq!(*request, Request::FindNode { target: [0xff; 32] });
+    let seed_contact = Contact { id: NodeId([0x77; 32]), addr: seed };
+    let closer = vec![contact(0x10), contact(0x20)];
+    kad.handle_input(
+        Instant::ZERO,
+        KadInput::Response { from: seed_contact, id: *id, response: Response::Nodes { closer } },
+    );
+    assert!(kad.table().contains(&seed_contact.id));
+    let asked: Vec<u8> = sends(&drain(&mut kad)).iter().map(|(c, ..)| c.id.0[0]).collect();
+    assert_eq!(asked, vec![0x20, 0x10], "self-lookup continues from the seed's answer, closest to us first");
+}
