@@ -23,6 +23,10 @@ pub struct KadConfig {
     /// replacement; with one, it is replaced at the first failure
     /// (Kademlia §4.1: tolerate transient loss when nobody can take over).
     pub contact_failures_max: u32,
+    /// A bucket head heard from within this time is not pinged when a
+    /// newcomer wants its place; the newcomer waits in the replacement
+    /// cache (BEP 5: nodes seen in the last 15 minutes are "good").
+    pub contact_fresh_ms: u64,
     /// How long a single request may take before it counts as failed.
     pub request_timeout_ms: u64,
     /// How long a whole lookup may take before it ends unsuccessfully.
@@ -100,6 +104,7 @@ impl Default for KadConfig {
             replacements_per_bucket_max: 10,
             parallelism: 3,
             contact_failures_max: 3,
+            contact_fresh_ms: 15 * 60_000,
             request_timeout_ms: 2_000,
             query_timeout_ms: 60_000,
             queries_max: 256,

@@ -358,6 +358,7 @@ impl Kademlia {
             config.bucket_size,
             config.replacements_per_bucket_max,
             config.contact_failures_max,
+            KadConfig::ms(config.contact_fresh_ms),
         );
         let store = RecordStore::new(local.id, config.clone());
         let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);

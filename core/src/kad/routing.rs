@@ -2,6 +2,8 @@
 //! first, with ping-before-evict and a replacement cache (Kademlia §2.2,
 //! §4.1).
 
+use std::time::Duration;
+
 use rand::Rng;
 
 use crate::ids::{AsKey, Distance, KEY_BYTES, NodeId};
@@ -38,13 +40,14 @@ pub enum Observed {
         evicted: Contact,
     },
     /// New, bucket full: cached as a replacement, and `ping` (the least
-    /// recently seen entry) must be pinged; if it fails to answer, the
+    /// recently seen entry, not heard from lately) must be pinged; if it fails to answer, the
     /// newest replacement takes its place (Kademlia §2.2).
     PingNeeded {
         /// The entry to ping.
         ping: Contact,
     },
-    /// New, bucket full and its head already being pinged: cached only.
+    /// New, bucket full, and its head recently seen or already being
+    /// pinged: cached only.
     Cached,
 }
 
@@ -67,7 +70,11 @@ pub struct RoutingTable {
     bucket_size: usize,
     replacements_max: usize,
     failures_max: u32,
+    fresh: Duration,
     buckets: Vec<Bucket>,
+    /// Bit i set when bucket i holds an entry: lets `closest` skip empty
+    /// buckets without touching their (cold) memory.
+    occupied: [u64; BUCKETS / 64],
     len: usize,
 }
 
@@ -78,9 +85,18 @@ fn bit(distance: &Distance, index: usize) -> bool {
 impl RoutingTable {
     /// An empty table around `local`.
     #[must_use]
-    pub fn new(local: NodeId, bucket_size: usize, replacements_max: usize, failures_max: u32) -> Self {
+    pub fn new(local: NodeId, bucket_size: usize, replacements_max: usize, failures_max: u32, fresh: Duration) -> Self {
         assert!(bucket_size > 0, "k must be positive");
-        Self { local, bucket_size, replacements_max, failures_max, buckets: vec![Bucket::default(); BUCKETS], len: 0 }
+        Self {
+            local,
+            bucket_size,
+            replacements_max,
+            failures_max,
+            fresh,
+            buckets: vec![Bucket::default(); BUCKETS],
+            occupied: [0; BUCKETS / 64],
+            len: 0,
+        }
     }
 
     /// Our own id.
@@ -148,10 +164,11 @@ impl RoutingTable {
             return Observed::Refreshed;
         }
         bucket.replacements.retain(|c| c.id != contact.id);
-        let fresh = Entry { contact, last_seen: now, failures: 0 };
+        let newcomer = Entry { contact, last_seen: now, failures: 0 };
         if bucket.entries.len() < k {
-            bucket.entries.push(fresh);
+            bucket.entries.push(newcomer);
             self.len += 1;
+            self.occupied[index / 64] |= 1 << (index % 64);
             return Observed::Inserted;
         }
         // Stale entries (failed since last seen) are replaced without a ping.
@@ -161,17 +178,21 @@ impl RoutingTable {
             if bucket.pinging == Some(evicted.id) {
                 bucket.pinging = None;
             }
-            bucket.entries.push(fresh);
+            bucket.entries.push(newcomer);
             return Observed::Replaced { evicted };
         }
         bucket.replacements.push(contact);
         if bucket.replacements.len() > self.replacements_max {
             bucket.replacements.remove(0);
         }
-        if bucket.pinging.is_some() || bucket.replacements.is_empty() {
+        // Only a head not heard from for `fresh` is worth a ping (BEP 5:
+        // nodes seen in the last 15 minutes are "good"); pinging on every
+        // newcomer would cost one ping per unknown sender.
+        let head = &bucket.entries[0];
+        if bucket.pinging.is_some() || now.saturating_duration_since(head.last_seen) < self.fresh {
             return Observed::Cached;
         }
-        let head = bucket.entries[0].contact;
+        let head = head.contact;
         bucket.pinging = Some(head.id);
         Observed::PingNeeded { ping: head }
     }
@@ -198,6 +219,7 @@ impl RoutingTable {
             }
             None => self.len -= 1,
         }
+        self.sync_occupied(index);
         Some(evicted)
     }
 
@@ -212,47 +234,71 @@ impl RoutingTable {
             bucket.pinging = None;
         }
         self.len -= 1;
+        self.sync_occupied(index);
         true
     }
 
-    /// Bucket indices from nearest to farthest from `target`: every
-    /// contact of an earlier bucket is closer to `target` than any of a
-    /// later one (libp2p kad `ClosestBucketsIter`). With d = local ⊕ target
-    /// and h its top bit: bucket h first, then lower buckets where d has a
-    /// 1 (descending), then lower buckets where d has a 0 (ascending), then
-    /// the buckets above h (ascending).
-    fn buckets_by_distance(&self, target: &impl AsKey) -> Vec<usize> {
-        let d = self.local.distance(target);
-        let top = d.bucket_index().map(usize::from);
-        let (below, above) = match top {
-            Some(h) => (h, h + 1),
-            None => (0, 0),
-        };
-        let ones: Vec<usize> = (0..below).rev().filter(|&i| bit(&d, i)).collect();
-        let zeros: Vec<usize> = (0..below).filter(|&i| !bit(&d, i)).collect();
-        top.into_iter().chain(ones).chain(zeros).chain(above..BUCKETS).collect()
+    fn sync_occupied(&mut self, index: usize) {
+        let mask = 1 << (index % 64);
+        if self.buckets[index].entries.is_empty() {
+            self.occupied[index / 64] &= !mask;
+        } else {
+            self.occupied[index / 64] |= mask;
+        }
+    }
+
+    fn is_occupied(&self, index: usize) -> bool {
+        self.occupied[index / 64] >> (index % 64) & 1 == 1
+    }
+
+    /// Append the live entries of bucket `index` to `out`, sorted by
+    /// distance to `target`. Returns whether `out` holds `count` or more.
+    fn take_bucket<'a>(
+        &'a self,
+        index: usize,
+        target: &impl AsKey,
+        count: usize,
+        out: &mut Vec<(Distance, &'a Contact)>,
+    ) -> bool {
+        let start = out.len();
+        for e in &self.buckets[index].entries {
+            if e.failures == 0 {
+                out.push((e.contact.id.distance(target), &e.contact));
+            }
+        }
+        out[start..].sort_unstable_by_key(|(d, _)| *d);
+        out.len() >= count
     }
 
     /// Up to `count` live contacts closest to `target`, closest first.
     /// Entries whose last requests failed are left out: we do not hand out
     /// contacts we believe dead.
+    ///
+    /// Buckets are visited nearest first, so only as many are read as it
+    /// takes to fill `count` (libp2p kad `ClosestBucketsIter`). With
+    /// d = local ⊕ target and h its top bit, every contact of an earlier
+    /// bucket in this order is closer than any of a later one: bucket h,
+    /// then lower buckets where d has a 1 (descending), then lower buckets
+    /// where d has a 0 (ascending), then the buckets above h (ascending).
     #[must_use]
     pub fn closest(&self, target: &impl AsKey, count: usize) -> Vec<Contact> {
-        let mut out: Vec<(Distance, Contact)> = Vec::with_capacity(count.min(self.len));
-        for index in self.buckets_by_distance(target) {
-            if out.len() >= count {
+        let mut out: Vec<(Distance, &Contact)> = Vec::with_capacity(count.min(self.len));
+        let d = self.local.distance(target);
+        let (below, above) = match d.bucket_index().map(usize::from) {
+            Some(h) => (h, h + 1),
+            None => (0, 0),
+        };
+        let order = (below..above)
+            .chain((0..below).rev().filter(|&i| bit(&d, i)))
+            .chain((0..below).filter(|&i| !bit(&d, i)))
+            .chain(above..BUCKETS);
+        for index in order {
+            if self.is_occupied(index) && self.take_bucket(index, target, count, &mut out) {
                 break;
             }
-            let start = out.len();
-            for e in &self.buckets[index].entries {
-                if e.failures == 0 {
-                    out.push((e.contact.id.distance(target), e.contact));
-                }
-            }
-            out[start..].sort_unstable_by_key(|(d, _)| *d);
         }
         out.truncate(count);
-        out.into_iter().map(|(_, c)| c).collect()
+        out.into_iter().map(|(_, c)| *c).collect()
     }
 
     /// Record that a lookup for `target` ran now (it refreshes the bucket
@@ -323,7 +369,7 @@ mod tests {
 
     #[test]
     fn contacts_land_in_the_bucket_of_their_distance() {
-        let mut table = RoutingTable::new(NodeId::default(), 4, 2, 3);
+        let mut table = RoutingTable::new(NodeId::default(), 4, 2, 3, Duration::ZERO);
         for index in [0, 7, 8, 100, 255] {
             assert_eq!(table.observe(contact(in_bucket(index, 1)), t(0)), Observed::Inserted);
             assert_eq!(table.bucket(index).len(), 1, "bucket {index}");
@@ -339,7 +385,7 @@ mod tests {
 
     #[test]
     fn full_bucket_pings_the_least_recently_seen_and_evicts_only_on_failure() {
-        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3);
+        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3, Duration::ZERO);
         let (a, b, c, d) = (in_bucket(200, 1), in_bucket(200, 2), in_bucket(200, 3), in_bucket(200, 4));
         table.observe(contact(a), t(0));
         table.observe(contact(b), t(1));
@@ -364,7 +410,7 @@ mod tests {
 
     #[test]
     fn failures_without_replacement_evict_only_at_the_limit() {
-        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3);
+        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3, Duration::ZERO);
         let a = in_bucket(50, 1);
         table.observe(contact(a), t(0));
         assert_eq!(table.failed(&a), None);
@@ -376,7 +422,7 @@ mod tests {
 
     #[test]
     fn stale_entries_are_replaced_without_a_ping() {
-        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3);
+        let mut table = RoutingTable::new(NodeId::default(), 2, 2, 3, Duration::ZERO);
         let (a, b, c) = (in_bucket(90, 1), in_bucket(90, 2), in_bucket(90, 3));
         table.observe(contact(a), t(0));
         table.observe(contact(b), t(0));
@@ -390,7 +436,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut local = [0u8; KEY_BYTES];
         rng.fill_bytes(&mut local);
-        let mut table = RoutingTable::new(NodeId(local), 8, 2, 3);
+        let mut table = RoutingTable::new(NodeId(local), 8, 2, 3, Duration::ZERO);
         for _ in 0..2_000 {
             let mut id = [0u8; KEY_BYTES];
             rng.fill_bytes(&mut id);

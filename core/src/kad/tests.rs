@@ -165,33 +165,50 @@ fn histogram(values: &[u32]) -> BTreeMap<u32, usize> {
     h
 }
 
-/// `lookups` find_node queries for random keys from random live nodes;
-/// returns (found the closest live node, rounds of each lookup).
+/// `lookups` find_node queries for random keys from random live nodes, run
+/// in concurrent batches; returns how many found the closest live node and
+/// the sorted rounds and messages of each lookup.
 fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize) -> (usize, Vec<u32>, Vec<u32>) {
+    const BATCH: usize = 50;
     let mut found = 0;
     let mut rounds = Vec::new();
     let mut messages = Vec::new();
-    for _ in 0..lookups {
-        let from = loop {
-            let i = rng.random_range(0..net.len());
-            if net.is_alive(i) {
-                break i;
-            }
-        };
-        let target = random_key(rng);
-        let expected = closest_live(net, &target);
-        let (stats, result) = run_query(net, from, |kad, now| kad.find_node(now, target));
-        let QueryResult::FindNode { closest } = result else { panic!("wrong result kind") };
-        // The querying node itself may be the closest; it never lists itself.
-        let best = closest.first().map(|c| c.id);
-        let me = net.node(from).kad.local().id;
-        let best = match best {
-            Some(b) if b.distance(&target) < me.distance(&target) => b,
-            _ => me,
-        };
-        found += usize::from(best == expected);
-        rounds.push(stats.rounds);
-        messages.push(stats.messages);
+    for batch in 0..lookups.div_ceil(BATCH) {
+        let mut running = Vec::new();
+        for _ in 0..BATCH.min(lookups - batch * BATCH) {
+            let from = loop {
+                let i = rng.random_range(0..net.len());
+                if net.is_alive(i) {
+                    break i;
+                }
+            };
+            let target = random_key(rng);
+            let query = net.with_node(from, |m, now| {
+                let q = m.kad.find_node(now, target);
+                m.drain();
+                q
+            });
+            running.push((from, query, target));
+        }
+        let deadline = net.now() + Duration::from_secs(120);
+        let all_done = |n: &Network<Node>| running.iter().all(|&(from, q, _)| n.node(from).finished(q).is_some());
+        assert!(net.run_until_with(deadline, all_done), "lookups never finished");
+        for &(from, query, target) in &running {
+            let (stats, result) = net.node(from).finished(query).unwrap();
+            let QueryResult::FindNode { closest } = result else { panic!("wrong result kind") };
+            // The querying node itself may be the closest; it never lists itself.
+            let me = net.node(from).kad.local().id;
+            let best = match closest.first() {
+                Some(b) if b.id.distance(&target) < me.distance(&target) => b.id,
+                _ => me,
+            };
+            found += usize::from(best == closest_live(net, &target));
+            rounds.push(stats.rounds);
+            messages.push(stats.messages);
+        }
+        for &(from, ..) in &running {
+            net.with_node(from, |m, _| m.events.clear());
+        }
     }
     rounds.sort_unstable();
     messages.sort_unstable();
@@ -431,7 +448,9 @@ fn name_search_intersects_tokens() {
 
 #[test]
 fn providers_are_found_and_expire_without_republish() {
-    let config = KadConfig::default();
+    // Hour-scale TTLs keep the simulated span (and the test) short.
+    let config =
+        KadConfig { provider_ttl_ms: 2 * 3_600_000, provider_republish_interval_ms: 3_600_000, ..KadConfig::default() };
     let (mut net, _) = build(80, 7, &config);
     let file = FileId([0x42; 32]);
     let provider = net.node(9).kad.local();
@@ -439,8 +458,8 @@ fn providers_are_found_and_expire_without_republish() {
     assert_eq!(stored, QueryResult::Stored { stored: config.bucket_size });
     let (_, result) = run_query(&mut net, 40, |kad, now| kad.get_providers(now, file));
     assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
-    // Still there after a day: the provider republishes before the TTL.
-    net.run_for(Duration::from_secs(24 * 3_600));
+    // Still there after three TTLs: the provider republishes before expiry.
+    net.run_for(Duration::from_millis(3 * config.provider_ttl_ms));
     let (_, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file));
     assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
     // It stops providing: the records lapse at their TTL.
