@@ -209,9 +209,12 @@ pub struct KadCounters {
 enum Goal {
     FindNode,
     GetManifest,
-    /// One token of a search; `search` is the aggregate's id.
+    /// One token of a search; `search` is the aggregate's id. Keyword
+    /// lookups do not stop at the first value: entries are spread over the
+    /// k closest (each publisher stores its own), so all answers are merged.
     GetKeywords {
         search: QueryId,
+        found: BTreeMap<FileId, KeywordEntry>,
     },
     GetProviders {
         found: BTreeMap<NodeId, Contact>,
@@ -493,11 +496,9 @@ impl Kademlia {
     pub fn put_manifest(&mut self, now: Instant, manifest: FileManifest) -> Result<QueryId, ManifestError> {
         let file = manifest.validate()?;
         // Validated above; a refusal here only means our own store is full.
-        let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now);
         let next_at = now + KadConfig::ms(self.config.record_republish_interval_ms);
         self.publish(Publication::Manifest(file), Published { manifest: Some(manifest.clone()), entry: None, next_at });
-        let request = Request::Store { key: file.0, record: Record::Manifest(manifest) };
-        Ok(self.start_query(now, file.0, Goal::Store { request }, true, None))
+        Ok(self.store_manifest(now, file, manifest, true))
     }
 
     /// Announce that we serve `file` to the k closest nodes; re-announced
@@ -559,12 +560,9 @@ impl Kademlia {
         self.searches.insert(id, search);
         for token in tokens {
             let key = keywords::keyword_key(&token);
-            let local = self.store.keywords(&key, now);
-            if local.is_empty() {
-                self.start_query(now, key, Goal::GetKeywords { search: id }, false, None);
-            } else {
-                self.search_part_done(now, id, Some(local), 0, 0);
-            }
+            // Our own entries count too; the lookup never asks ourselves.
+            let found = self.store.keywords(&key, now).into_iter().map(|e| (e.file, e)).collect();
+            self.start_query(now, key, Goal::GetKeywords { search: id, found }, false, None);
         }
         id
     }
@@ -607,10 +605,11 @@ impl Kademlia {
                     }
                 }
             }
-            Request::Store { key, record } => {
+            Request::Store { key, record, ttl_s } => {
+                let ttl = Duration::from_secs(u64::from(ttl_s));
                 let result = match record {
-                    Record::Manifest(manifest) => self.store.put_manifest(&key, manifest, from.id, now),
-                    Record::Keywords(entries) => self.store.put_keywords(&key, entries, from.id, now),
+                    Record::Manifest(manifest) => self.store.put_manifest(&key, manifest, from.id, now, ttl),
+                    Record::Keywords(entries) => self.store.put_keywords(&key, entries, from.id, now, ttl),
                 };
                 match result {
                     Ok(()) => Response::Stored,
@@ -763,13 +762,17 @@ impl Kademlia {
                 }
             }
             (Response::Value { record: Record::Keywords(entries) }, Want::Keywords) => {
-                let total = entries.len();
-                let mut good: Vec<KeywordEntry> =
-                    entries.into_iter().filter(|e| keywords::entry_belongs_to(e, &key)).collect();
-                self.counters.values_rejected += (total - good.len()) as u64;
-                good.truncate(self.config.keyword_entries_per_key_max);
-                if !good.is_empty() {
-                    value = Some(QueryResult::Search { entries: good });
+                let max = self.config.keyword_entries_per_key_max;
+                if let Some(Query { goal: Goal::GetKeywords { found, .. }, .. }) = self.queries.get_mut(&query) {
+                    for entry in entries {
+                        if !keywords::entry_belongs_to(&entry, &key) {
+                            self.counters.values_rejected += 1;
+                        } else if found.len() < max || found.contains_key(&entry.file) {
+                            found.insert(entry.file, entry);
+                        } else {
+                            self.counters.contacts_dropped += 1;
+                        }
+                    }
                 }
             }
             (Response::Providers { providers, closer: c }, Want::Providers) => {
@@ -876,6 +879,7 @@ impl Kademlia {
             let success = match &q.goal {
                 Goal::FindNode | Goal::Bootstrap | Goal::Refresh => !q.lookup.closest_answered().is_empty(),
                 Goal::GetProviders { found } => !found.is_empty(),
+                Goal::GetKeywords { found, .. } => !found.is_empty(),
                 _ => false,
             };
             self.finish_query(now, query, success, None);
@@ -942,11 +946,8 @@ impl Kademlia {
         };
         self.counters.contacts_dropped += q.lookup.dropped;
         let result = match (q.goal, result) {
-            (Goal::GetKeywords { search }, result) => {
-                let entries = match result {
-                    Some(QueryResult::Search { entries }) => Some(entries),
-                    _ => None,
-                };
+            (Goal::GetKeywords { search, found }, _) => {
+                let entries = (!found.is_empty()).then(|| found.into_values().collect());
                 self.search_part_done(now, search, entries, stats.rounds, stats.messages);
                 return;
             }
@@ -1118,13 +1119,22 @@ impl Kademlia {
         self.published.insert(key, item);
     }
 
+    /// Keep our own copy and store on the k closest, with the full TTL.
+    fn store_manifest(&mut self, now: Instant, file: FileId, manifest: FileManifest, user: bool) -> QueryId {
+        let ttl = KadConfig::ms(self.config.record_ttl_ms);
+        let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now, ttl);
+        let request = Request::Store { key: file.0, record: Record::Manifest(manifest), ttl_s: secs(ttl) };
+        self.start_query(now, file.0, Goal::Store { request }, user, None)
+    }
+
     fn store_keywords(&mut self, now: Instant, entry: &KeywordEntry) -> usize {
         let mut tokens = keywords::tokens(&entry.name);
         tokens.truncate(self.config.search_tokens_max);
         for token in &tokens {
             let key = keywords::keyword_key(token);
-            let _ = self.store.put_keywords(&key, vec![entry.clone()], self.local.id, now);
-            let request = Request::Store { key, record: Record::Keywords(vec![entry.clone()]) };
+            let ttl = KadConfig::ms(self.config.record_ttl_ms);
+            let _ = self.store.put_keywords(&key, vec![entry.clone()], self.local.id, now, ttl);
+            let request = Request::Store { key, record: Record::Keywords(vec![entry.clone()]), ttl_s: secs(ttl) };
             self.start_query(now, key, Goal::Store { request }, false, None);
         }
         tokens.len()
@@ -1163,9 +1173,7 @@ impl Kademlia {
             let (manifest, entry) = (item.manifest.clone(), item.entry.clone());
             match (key, manifest, entry) {
                 (Publication::Manifest(file), Some(manifest), _) => {
-                    let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now);
-                    let request = Request::Store { key: file.0, record: Record::Manifest(manifest) };
-                    self.start_query(now, file.0, Goal::Store { request }, false, None);
+                    self.store_manifest(now, file, manifest, false);
                 }
                 (Publication::Provider(file), _, _) => {
                     let _ = self.store.add_provider(file, self.local, now);
@@ -1186,67 +1194,65 @@ impl Kademlia {
     /// holders leaving.
     fn replicate(&mut self, now: Instant) {
         let interval = KadConfig::ms(self.config.record_replicate_interval_ms);
-        let mut due: Vec<(RecordKey, Record)> = Vec::new();
-        for (file, held) in self.store.manifests() {
-            if now - held.replicated_at >= interval && held.expires > now {
-                due.push((file.0, Record::Manifest(held.manifest.clone())));
-            }
-        }
-        for (key, entries, replicated_at) in self.store.keyword_keys() {
-            if now - replicated_at >= interval {
-                let live: Vec<KeywordEntry> = entries
-                    .iter()
-                    .filter(|h| h.expires > now)
-                    .rev()
-                    .take(self.config.keyword_entries_per_store_max)
-                    .map(|h| h.entry.clone())
-                    .collect();
-                if !live.is_empty() {
-                    due.push((*key, Record::Keywords(live)));
-                }
-            }
-        }
-        for (key, record) in due {
+        let due = self.held_stores(now, |_, replicated_at| now - replicated_at >= interval);
+        for (key, request) in due {
             if self.queries.len() >= self.config.queries_max {
                 break; // the rest are still due next tick
             }
             self.store.mark_replicated(&key, now);
-            let request = Request::Store { key, record };
             self.start_query(now, key, Goal::Store { request }, false, None);
         }
+    }
+
+    /// `Store` requests for the live records we hold that `pick` selects
+    /// (given the key and its last replication), each with the TTL it has
+    /// left: replication never extends a record's life, only the originator
+    /// does.
+    fn held_stores(&self, now: Instant, pick: impl Fn(&RecordKey, Instant) -> bool) -> Vec<(RecordKey, Request)> {
+        let mut out = Vec::new();
+        for (file, held) in self.store.manifests() {
+            if held.expires > now && pick(&file.0, held.replicated_at) {
+                let record = Record::Manifest(held.manifest.clone());
+                out.push((file.0, Request::Store { key: file.0, record, ttl_s: secs(held.expires - now) }));
+            }
+        }
+        for (key, entries, replicated_at) in self.store.keyword_keys() {
+            if !pick(key, replicated_at) {
+                continue;
+            }
+            // The freshest entries, as many as one store may carry; they
+            // travel with the shortest remaining TTL among them.
+            let live: Vec<_> = entries
+                .iter()
+                .filter(|h| h.expires > now)
+                .rev()
+                .take(self.config.keyword_entries_per_store_max)
+                .collect();
+            let Some(ttl) = live.iter().map(|h| h.expires - now).min() else { continue };
+            let record = Record::Keywords(live.into_iter().map(|h| h.entry.clone()).collect());
+            out.push((*key, Request::Store { key: *key, record, ttl_s: secs(ttl) }));
+        }
+        out
     }
 
     /// Kademlia §2.5: a node that learns of a new contact stores to it the
     /// records it is now among the k closest for.
     fn replicate_to_newcomer(&mut self, now: Instant, newcomer: Contact) {
         let k = self.config.bucket_size;
-        let mut sends: Vec<Request> = Vec::new();
-        let is_close = |table: &RoutingTable, key: &RecordKey| {
+        let table = &self.table;
+        // The newcomer is already in the table: is it among our k closest?
+        let is_close = |key: &RecordKey, _| {
             let d = newcomer.id.distance(key);
-            // Among the k closest we know, and we hold the record too.
             table.closest(key, k).last().is_none_or(|far| d <= far.id.distance(key))
         };
-        for (file, held) in self.store.manifests() {
-            if held.expires > now && is_close(&self.table, &file.0) {
-                sends.push(Request::Store { key: file.0, record: Record::Manifest(held.manifest.clone()) });
-            }
-        }
-        for (key, entries, _) in self.store.keyword_keys() {
-            if is_close(&self.table, key) {
-                let live: Vec<KeywordEntry> = entries
-                    .iter()
-                    .filter(|h| h.expires > now)
-                    .rev()
-                    .take(self.config.keyword_entries_per_store_max)
-                    .map(|h| h.entry.clone())
-                    .collect();
-                if !live.is_empty() {
-                    sends.push(Request::Store { key: *key, record: Record::Keywords(live) });
-                }
-            }
-        }
-        for request in sends {
+        let sends = self.held_stores(now, is_close);
+        for (_, request) in sends {
             self.send_background(now, newcomer, request, Purpose::Replicate);
         }
     }
+}
+
+/// Whole seconds of `ttl` for the wire, saturating.
+fn secs(ttl: Duration) -> u32 {
+    u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX)
 }

@@ -4,6 +4,7 @@
 //! check is a `Result`, never a panic.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::ids::{FileId, NodeId};
 use crate::kad::config::KadConfig;
@@ -157,13 +158,14 @@ impl RecordStore {
         manifest: FileManifest,
         from: NodeId,
         now: Instant,
+        ttl: Duration,
     ) -> Result<(), StoreError> {
         let file = FileId(*key);
         if manifest.to_bytes().len() > self.config.record_bytes_max || manifest.validate_for(&file).is_err() {
             self.counters.rejected_invalid += 1;
             return Err(StoreError::Invalid);
         }
-        let expires = now + KadConfig::ms(self.config.record_ttl_ms);
+        let expires = now + ttl.min(KadConfig::ms(self.config.record_ttl_ms));
         if let Some(held) = self.manifests.get_mut(&file) {
             held.expires = held.expires.max(expires);
             held.replicated_at = now;
@@ -254,6 +256,7 @@ impl RecordStore {
         entries: Vec<KeywordEntry>,
         from: NodeId,
         now: Instant,
+        ttl: Duration,
     ) -> Result<(), StoreError> {
         let valid = |e: &KeywordEntry| validate_name(&e.name).is_ok() && keywords::entry_belongs_to(e, key);
         if entries.is_empty() || entries.len() > self.config.keyword_entries_per_store_max || !entries.iter().all(valid)
@@ -265,13 +268,13 @@ impl RecordStore {
             self.counters.rejected_limit += 1;
             return Err(StoreError::Overloaded);
         }
-        let expires = now + KadConfig::ms(self.config.record_ttl_ms);
+        let expires = now + ttl.min(KadConfig::ms(self.config.record_ttl_ms));
         for entry in entries {
             let held = self.keywords.entry(*key).or_default();
             held.replicated_at = now;
             if let Some(existing) = held.entries.iter_mut().find(|h| h.entry.file == entry.file) {
                 existing.entry = entry;
-                existing.expires = expires;
+                existing.expires = existing.expires.max(expires);
                 continue;
             }
             let evict = if held.entries.len() >= self.config.keyword_entries_per_key_max {
@@ -344,11 +347,9 @@ impl RecordStore {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, SocketAddr};
-    use std::time::Duration;
-
     use super::*;
     use crate::content::{Content, Layout, PieceHash};
+    use std::net::{Ipv4Addr, SocketAddr};
 
     fn manifest(name: &str, size: u64) -> (FileManifest, FileId) {
         let layout = Layout::for_file(size);
@@ -356,6 +357,8 @@ mod tests {
         let content = Content::from_piece_hashes(layout, hashes);
         (FileManifest::new(name, &content).unwrap(), content.file_id)
     }
+
+    const DAY: Duration = Duration::from_secs(86_400);
 
     fn peer(n: u8) -> NodeId {
         NodeId([n; 32])
@@ -376,11 +379,15 @@ mod tests {
         let mut forged = m.clone();
         forged.root.0[0] ^= 1;
         let now = Instant::ZERO;
-        assert_eq!(s.put_manifest(&id.0, forged, peer(1), now), Err(StoreError::Invalid));
+        assert_eq!(s.put_manifest(&id.0, forged, peer(1), now, DAY), Err(StoreError::Invalid));
         let (other, _) = manifest("b.bin", 200_000);
-        assert_eq!(s.put_manifest(&id.0, other, peer(1), now), Err(StoreError::Invalid), "valid but for another id");
+        assert_eq!(
+            s.put_manifest(&id.0, other, peer(1), now, DAY),
+            Err(StoreError::Invalid),
+            "valid but for another id"
+        );
         assert!(s.manifest(&id.0, now).is_none());
-        s.put_manifest(&id.0, m.clone(), peer(1), now).unwrap();
+        s.put_manifest(&id.0, m.clone(), peer(1), now, DAY).unwrap();
         assert_eq!(s.manifest(&id.0, now), Some(&m));
         assert_eq!(s.counters().rejected_invalid, 2);
     }
@@ -390,7 +397,7 @@ mod tests {
         let config = KadConfig { record_ttl_ms: 10_000, record_republish_interval_ms: 5_000, ..KadConfig::default() };
         let mut s = store(config);
         let (m, id) = manifest("a.bin", 1_000);
-        s.put_manifest(&id.0, m, peer(1), Instant::ZERO).unwrap();
+        s.put_manifest(&id.0, m, peer(1), Instant::ZERO, DAY).unwrap();
         assert_eq!(s.charged_to(&peer(1)), 1);
         let later = Instant::ZERO + Duration::from_secs(9);
         s.expire(later);
@@ -427,15 +434,15 @@ mod tests {
         let key = keywords::keyword_key("iso");
         let entry = |n: u8| KeywordEntry { file: FileId([n; 32]), name: format!("file{n}.iso"), size: 1 };
         let at = |s: u64| Instant::ZERO + Duration::from_secs(s);
-        s.put_keywords(&key, vec![entry(1)], peer(1), at(0)).unwrap();
-        s.put_keywords(&key, vec![entry(2)], peer(2), at(1)).unwrap();
-        s.put_keywords(&key, vec![entry(3)], peer(3), at(2)).unwrap();
+        s.put_keywords(&key, vec![entry(1)], peer(1), at(0), DAY).unwrap();
+        s.put_keywords(&key, vec![entry(2)], peer(2), at(1), DAY).unwrap();
+        s.put_keywords(&key, vec![entry(3)], peer(3), at(2), DAY).unwrap();
         let files: Vec<FileId> = s.keywords(&key, at(2)).iter().map(|e| e.file).collect();
         assert_eq!(files, vec![FileId([2; 32]), FileId([3; 32])], "the stalest entry was evicted");
         assert_eq!(s.charged_to(&peer(1)), 0);
         let misfiled = KeywordEntry { file: FileId([4; 32]), name: "debian.img".into(), size: 1 };
-        assert_eq!(s.put_keywords(&key, vec![misfiled], peer(4), at(3)), Err(StoreError::Invalid));
+        assert_eq!(s.put_keywords(&key, vec![misfiled], peer(4), at(3), DAY), Err(StoreError::Invalid));
         let unsafe_name = KeywordEntry { file: FileId([5; 32]), name: "../x.iso".into(), size: 1 };
-        assert_eq!(s.put_keywords(&key, vec![unsafe_name], peer(4), at(3)), Err(StoreError::Invalid));
+        assert_eq!(s.put_keywords(&key, vec![unsafe_name], peer(4), at(3), DAY), Err(StoreError::Invalid));
     }
 }

@@ -347,7 +347,7 @@ fn forged_manifests_are_never_stored_nor_served() {
     by_distance.sort_unstable();
     for &(_, victim) in by_distance.iter().take(20) {
         net.with_node(victim, |m, now| {
-            let request = Request::Store { key: file.0, record: Record::Manifest(forged.clone()) };
+            let request = Request::Store { key: file.0, record: Record::Manifest(forged.clone()), ttl_s: 86_400 };
             m.kad.handle_input(now, KadInput::Request { from: attacker_contact, id: RequestId(900), request });
             let responses: Vec<KadOutput> = std::iter::from_fn(|| m.kad.poll_output()).collect();
             assert!(
