@@ -267,7 +267,11 @@ struct Search {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
-    Query(QueryId),
+    /// A lookup request of a query.
+    Lookup(QueryId),
+    /// The final STORE / ADD_PROVIDER of a query. Kept apart from
+    /// `Lookup`: lookup answers may still arrive once storing has begun.
+    Store(QueryId),
     /// Ping-before-evict of the head of a full bucket.
     Ping,
     /// Replicating a held record to a newly closer node.
@@ -672,7 +676,8 @@ impl Kademlia {
         match pending.purpose {
             Purpose::Ping | Purpose::Replicate => {}
             Purpose::Seed => self.seed_answered(now, from, response),
-            Purpose::Query(query) => self.query_response(now, query, from, response),
+            Purpose::Lookup(query) => self.query_response(now, query, from, response),
+            Purpose::Store(query) => self.store_settled(now, query, matches!(response, Response::Stored)),
         }
     }
 
@@ -688,23 +693,26 @@ impl Kademlia {
                 self.seeds_pending = self.seeds_pending.saturating_sub(1);
                 self.check_bootstrap_done(now);
             }
-            Purpose::Query(query) => {
+            Purpose::Lookup(query) => {
                 let Some(q) = self.queries.get_mut(&query) else { return };
-                match &mut q.phase {
-                    Phase::Lookup => {
-                        if let Some(to) = pending.to {
-                            q.lookup.failed(&to);
-                        }
-                        self.advance(now, query);
-                    }
-                    Phase::Storing { outstanding, .. } => {
-                        *outstanding -= 1;
-                        if *outstanding == 0 {
-                            self.finish_store(now, query);
-                        }
-                    }
+                if let Some(to) = pending.to {
+                    q.lookup.failed(&to);
                 }
+                self.advance(now, query);
             }
+            Purpose::Store(query) => self.store_settled(now, query, false),
+        }
+    }
+
+    /// One STORE / ADD_PROVIDER of `query` was answered or failed.
+    fn store_settled(&mut self, now: Instant, query: QueryId, accepted: bool) {
+        let Some(Query { phase: Phase::Storing { outstanding, stored }, .. }) = self.queries.get_mut(&query) else {
+            return;
+        };
+        *outstanding = outstanding.saturating_sub(1);
+        *stored += usize::from(accepted);
+        if *outstanding == 0 {
+            self.finish_store(now, query);
         }
     }
 
@@ -729,17 +737,8 @@ impl Kademlia {
     fn query_response(&mut self, now: Instant, query: QueryId, from: Contact, response: Response) {
         let providers_max = self.config.providers_per_key_max;
         let Some(q) = self.queries.get(&query) else { return };
-        if let Phase::Storing { .. } = q.phase {
-            let accepted = matches!(response, Response::Stored);
-            let Some(Query { phase: Phase::Storing { outstanding, stored }, .. }) = self.queries.get_mut(&query) else {
-                return;
-            };
-            *outstanding -= 1;
-            *stored += usize::from(accepted);
-            if *outstanding == 0 {
-                self.finish_store(now, query);
-            }
-            return;
+        if !matches!(q.phase, Phase::Lookup) {
+            return; // a late lookup answer: storing has begun
         }
         let key = *q.lookup.target();
         let want = match q.goal {
@@ -869,7 +868,7 @@ impl Kademlia {
             sends.push((contact, request));
         }
         for (contact, request) in sends {
-            self.send(now, contact, request, Purpose::Query(query));
+            self.send(now, contact, request, Purpose::Lookup(query));
         }
     }
 
@@ -898,7 +897,7 @@ impl Kademlia {
             self.store.mark_replicated(key, now);
         }
         for contact in targets {
-            self.send(now, contact, request.clone(), Purpose::Query(query));
+            self.send(now, contact, request.clone(), Purpose::Store(query));
         }
     }
 

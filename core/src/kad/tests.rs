@@ -334,6 +334,29 @@ fn manifests_are_found_everywhere_and_survive_holders_leaving() {
 }
 
 #[test]
+fn records_lapse_when_the_originator_stops_republishing() {
+    const HOUR_MS: u64 = 3_600_000;
+    let config =
+        KadConfig { record_ttl_ms: 3 * HOUR_MS, record_republish_interval_ms: 2 * HOUR_MS, ..KadConfig::default() };
+    let (mut net, _) = build(60, 8, &config);
+    let (manifest, file) = sample_manifest("short-lived.bin", 700_000);
+    run_query(&mut net, 3, |kad, now| kad.put_manifest(now, manifest.clone()).unwrap());
+    net.crash(3);
+    // Holders replicate hourly, but only with the TTL that is left.
+    net.run_for(Duration::from_millis(2 * HOUR_MS));
+    let still = holders(&net, file).len();
+    let (_, result) = run_query(&mut net, 40, |kad, now| kad.get_manifest(now, file));
+    assert_eq!(result, QueryResult::GetManifest { manifest: Some(manifest) });
+    net.run_for(Duration::from_millis(HOUR_MS + 2 * config.maintenance_interval_ms));
+    let after = holders(&net, file).len();
+    eprintln!("originator gone: {still} holders after 2h, {after} after the 3h TTL");
+    assert!(still >= config.bucket_size);
+    assert_eq!(after, 0, "replication must not keep an abandoned record alive");
+    let (_, result) = run_query(&mut net, 41, |kad, now| kad.get_manifest(now, file));
+    assert_eq!(result, QueryResult::GetManifest { manifest: None });
+}
+
+#[test]
 fn forged_manifests_are_never_stored_nor_served() {
     let (mut net, _) = build(60, 4, &KadConfig::default());
     let (honest, file) = sample_manifest("honest.iso", 2_000_000);
@@ -623,4 +646,49 @@ fn seed_answer_fills_the_table() {
     assert!(kad.table().contains(&seed_contact.id));
     let asked: Vec<u8> = sends(&drain(&mut kad)).iter().map(|(c, ..)| c.id.0[0]).collect();
     assert_eq!(asked, vec![0x20, 0x10], "self-lookup continues from the seed's answer, closest to us first");
+}
+
+#[test]
+fn late_lookup_answers_do_not_disturb_the_store_round() {
+    let config = KadConfig { bucket_size: 2, parallelism: 2, ..KadConfig::default() };
+    let mut kad = Kademlia::new(config, Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO);
+    let (manifest, file) = sample_manifest("late.bin", 300_000);
+    let near = |delta: u8| {
+        let mut id = file.0;
+        id[0] ^= delta;
+        Contact { id: NodeId(id), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, u16::from(delta) + 2000)) }
+    };
+    let (a, b, c) = (near(0x20), near(0x30), near(0x01));
+    let t0 = Instant::ZERO;
+    for from in [a, b] {
+        kad.handle_input(t0, KadInput::Request { from, id: RequestId(1), request: Request::Ping });
+    }
+    drain(&mut kad);
+    let query = kad.put_manifest(t0, manifest).unwrap();
+    let asked = sends(&drain(&mut kad));
+    assert_eq!(asked.iter().map(|(to, ..)| *to).collect::<Vec<_>>(), vec![a, b]);
+    let b_request = asked[1].1;
+    // a reveals c, closer than b: b's request is now outside the k closest.
+    kad.handle_input(t0, KadInput::Response { from: a, id: asked[0].1, response: Response::Nodes { closer: vec![c] } });
+    let to_c = sends(&drain(&mut kad));
+    assert_eq!(to_c[0].0, c);
+    kad.handle_input(t0, KadInput::Response { from: c, id: to_c[0].1, response: Response::Nodes { closer: vec![] } });
+    let stores = sends(&drain(&mut kad));
+    let mut targets: Vec<Contact> = stores.iter().map(|(to, ..)| *to).collect();
+    // c also gets a replication store: it is a newly learned contact among
+    // the k closest to a record we hold (Kademlia §2.5).
+    targets.dedup();
+    assert_eq!(targets, vec![c, a], "store to the k closest");
+    assert!(stores.iter().all(|(_, _, r)| matches!(r, Request::Store { .. })));
+    // b answers its lookup request late, while the stores are out.
+    kad.handle_input(t0, KadInput::Response { from: b, id: b_request, response: Response::Nodes { closer: vec![] } });
+    assert!(drain(&mut kad).is_empty(), "a late lookup answer neither stores nor finishes");
+    for (to, id, _) in &stores {
+        kad.handle_input(t0, KadInput::Response { from: *to, id: *id, response: Response::Stored });
+    }
+    let outputs = drain(&mut kad);
+    assert!(outputs.iter().any(|o| matches!(
+        o,
+        KadOutput::Event(KadEvent::QueryFinished { id, result: QueryResult::Stored { stored: 2 }, .. }) if *id == query
+    )));
 }
