@@ -360,13 +360,14 @@ impl Kademlia {
         if let Err(e) = config.validate() {
             panic!("invalid KadConfig: {e}");
         }
-        let table = RoutingTable::new(
+        let mut table = RoutingTable::new(
             local.id,
             config.bucket_size,
             config.replacements_per_bucket_max,
             config.contact_failures_max,
             KadConfig::ms(config.contact_fresh_ms),
         );
+        table.touch_all(now);
         let store = RecordStore::new(local.id, config.clone());
         let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);
         let bootstrap_backoff = KadConfig::ms(config.bootstrap_backoff_initial_ms);
@@ -499,7 +500,6 @@ impl Kademlia {
     /// and republish it every `record_republish_interval_ms`.
     pub fn put_manifest(&mut self, now: Instant, manifest: FileManifest) -> Result<QueryId, ManifestError> {
         let file = manifest.validate()?;
-        // Validated above; a refusal here only means our own store is full.
         let next_at = now + KadConfig::ms(self.config.record_republish_interval_ms);
         self.publish(Publication::Manifest(file), Published { manifest: Some(manifest.clone()), entry: None, next_at });
         Ok(self.store_manifest(now, file, manifest, true))
@@ -521,9 +521,10 @@ impl Kademlia {
         self.published.remove(&Publication::Provider(file));
     }
 
-    /// Find providers of `file`.
+    /// Find providers of `file` (those we hold ourselves included).
     pub fn get_providers(&mut self, now: Instant, file: FileId) -> QueryId {
-        let goal = Goal::GetProviders { found: BTreeMap::new() };
+        let found = self.store.providers(&file, now).into_iter().map(|c| (c.id, c)).collect();
+        let goal = Goal::GetProviders { found };
         self.start_query(now, file.0, goal, true, None)
     }
 
@@ -1121,6 +1122,8 @@ impl Kademlia {
     /// Keep our own copy and store on the k closest, with the full TTL.
     fn store_manifest(&mut self, now: Instant, file: FileId, manifest: FileManifest, user: bool) -> QueryId {
         let ttl = KadConfig::ms(self.config.record_ttl_ms);
+        // Validated by the caller; a refusal here only means our own store
+        // is full, and the network copies still count.
         let _ = self.store.put_manifest(&file.0, manifest.clone(), self.local.id, now, ttl);
         let request = Request::Store { key: file.0, record: Record::Manifest(manifest), ttl_s: secs(ttl) };
         self.start_query(now, file.0, Goal::Store { request }, user, None)

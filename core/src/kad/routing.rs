@@ -309,6 +309,14 @@ impl RoutingTable {
         }
     }
 
+    /// Count every bucket as looked up at `now` (at start: a fresh node has
+    /// no idle buckets yet).
+    pub fn touch_all(&mut self, now: Instant) {
+        for bucket in &mut self.buckets {
+            bucket.last_lookup = now;
+        }
+    }
+
     /// Non-empty buckets with no lookup for `idle` or longer at `now`.
     #[must_use]
     pub fn buckets_idle(&self, now: Instant, idle: std::time::Duration) -> Vec<usize> {

@@ -692,3 +692,34 @@ fn late_lookup_answers_do_not_disturb_the_store_round() {
         KadOutput::Event(KadEvent::QueryFinished { id, result: QueryResult::Stored { stored: 2 }, .. }) if *id == query
     )));
 }
+
+#[test]
+fn idle_buckets_are_refreshed_after_an_hour() {
+    let config = KadConfig::default();
+    let mut kad = machine(config.clone());
+    let peer = contact(0x10);
+    kad.handle_input(Instant::ZERO, KadInput::Request { from: peer, id: RequestId(1), request: Request::Ping });
+    drain(&mut kad);
+    let bucket = kad.table().bucket_of(&peer.id).unwrap();
+    let mut now = Instant::ZERO;
+    let hour = Duration::from_millis(config.bucket_refresh_interval_ms);
+    let mut refreshes = Vec::new();
+    while now < Instant::ZERO + hour + Duration::from_secs(120) {
+        now = kad.poll_timeout().unwrap();
+        kad.handle_timeout(now);
+        for (to, id, request) in sends(&drain(&mut kad)) {
+            if let Request::FindNode { target } = request {
+                refreshes.push((now, kad.table().bucket_of(&NodeId(target))));
+                // The peer answers, so the refresh ends and the peer stays live.
+                kad.handle_input(
+                    now,
+                    KadInput::Response { from: to, id, response: Response::Nodes { closer: vec![] } },
+                );
+                drain(&mut kad);
+            }
+        }
+    }
+    assert_eq!(refreshes.len(), 1, "{refreshes:?}");
+    assert!(refreshes[0].0 >= Instant::ZERO + hour, "not before the bucket was idle for an hour");
+    assert_eq!(refreshes[0].1, Some(bucket), "a random id in the idle bucket");
+}
