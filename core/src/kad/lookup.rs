@@ -75,15 +75,21 @@ impl Lookup {
             if self.candidates.contains_key(&distance) {
                 continue;
             }
-            // Full: keep only contacts closer than the farthest droppable.
+            // Full: make room by dropping the farthest candidate that is
+            // farther than this one and not awaiting an answer.
             if self.candidates.len() >= self.candidates_max {
-                let Some((&far, c)) = self.candidates.last_key_value() else { continue };
-                if far < distance || c.state == State::Waiting {
-                    self.dropped += 1;
-                    continue;
-                }
-                self.candidates.remove(&far);
+                let victim = self
+                    .candidates
+                    .iter()
+                    .rev()
+                    .take_while(|(d, _)| **d > distance)
+                    .find(|(_, c)| c.state != State::Waiting)
+                    .map(|(d, _)| *d);
                 self.dropped += 1;
+                match victim {
+                    Some(far) => self.candidates.remove(&far),
+                    None => continue,
+                };
             }
             self.candidates.insert(distance, Candidate { contact, state: State::Fresh, depth: depth + 1 });
         }

@@ -266,6 +266,13 @@ impl RoutingTable {
                 out.push((e.contact.id.distance(target), &e.contact));
             }
         }
+        // Only the `need` closest of this bucket can make the cut: select
+        // them in O(n) before sorting, which matters for large buckets.
+        let need = count.saturating_sub(start);
+        if out.len() - start > need && need > 0 {
+            out[start..].select_nth_unstable_by_key(need - 1, |(d, _)| *d);
+            out.truncate(start + need);
+        }
         out[start..].sort_unstable_by_key(|(d, _)| *d);
         out.len() >= count
     }
