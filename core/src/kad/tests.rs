@@ -723,3 +723,89 @@ fn idle_buckets_are_refreshed_after_an_hour() {
     assert!(refreshes[0].0 >= Instant::ZERO + hour, "not before the bucket was idle for an hour");
     assert_eq!(refreshes[0].1, Some(bucket), "a random id in the idle bucket");
 }
+
+/// Random, hostile traffic: requests of every kind with junk fields,
+/// answers to real and made-up request ids, failures. The machine must not
+/// panic and must stay within its limits.
+#[test]
+fn hostile_traffic_never_panics_and_stays_bounded() {
+    let config = KadConfig { bucket_size: 4, records_per_peer_max: 8, queries_max: 8, ..KadConfig::default() };
+    let mut kad = machine(config.clone());
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let (manifest, file) = sample_manifest("bait.bin", 200_000);
+    let mut pending: Vec<RequestId> = Vec::new();
+    let mut now = Instant::ZERO;
+    for step in 0..20_000u32 {
+        now += Duration::from_millis(rng.random_range(0..50));
+        let peer = Contact {
+            id: NodeId(if rng.random_bool(0.5) { random_key(&mut rng) } else { [rng.random_range(0..8u8); 32] }),
+            addr: addr_of(rng.random_range(1..1000)),
+        };
+        let key = if rng.random_bool(0.3) { file.0 } else { random_key(&mut rng) };
+        let junk_contacts: Vec<Contact> = (0..rng.random_range(0..40))
+            .map(|i| Contact { id: NodeId(random_key(&mut rng)), addr: addr_of(i + 1) })
+            .collect();
+        let mut forged = manifest.clone();
+        forged.size = rng.random();
+        let entry = KeywordEntry { file: FileId(key), name: format!("x{}.iso", rng.random::<u16>()), size: 1 };
+        let request = match rng.random_range(0..8) {
+            0 => Request::Ping,
+            1 => Request::FindNode { target: key },
+            2 => Request::FindValue { key },
+            3 => Request::Store { key, record: Record::Manifest(forged), ttl_s: rng.random() },
+            4 => Request::Store { key: file.0, record: Record::Manifest(manifest.clone()), ttl_s: rng.random() },
+            5 => {
+                Request::Store { key, record: Record::Keywords(vec![entry.clone(); rng.random_range(0..20)]), ttl_s: 9 }
+            }
+            6 => Request::AddProvider {
+                file: FileId(key),
+                provider: if rng.random_bool(0.5) { peer } else { junk_contacts.first().copied().unwrap_or(peer) },
+            },
+            _ => Request::GetProviders { file: FileId(key) },
+        };
+        let response = match rng.random_range(0..6) {
+            0 => Response::Nodes { closer: junk_contacts.clone() },
+            1 => Response::Value { record: Record::Manifest(manifest.clone()) },
+            2 => Response::Value { record: Record::Keywords(vec![entry; 3]) },
+            3 => Response::Providers { providers: junk_contacts.clone(), closer: junk_contacts },
+            4 => Response::Stored,
+            _ => Response::Error { code: ErrorCode::Overloaded },
+        };
+        let id = if rng.random_bool(0.7) && !pending.is_empty() {
+            pending.swap_remove(rng.random_range(0..pending.len()))
+        } else {
+            RequestId(rng.random())
+        };
+        match rng.random_range(0..10) {
+            0..=3 => kad.handle_input(now, KadInput::Request { from: peer, id, request }),
+            4..=7 => kad.handle_input(now, KadInput::Response { from: peer, id, response }),
+            8 => kad.handle_input(now, KadInput::RequestFailed { id }),
+            _ => {
+                let _ = match step % 5 {
+                    0 => kad.find_node(now, key),
+                    1 => kad.get_manifest(now, FileId(key)),
+                    2 => kad.get_providers(now, FileId(key)),
+                    3 => kad.search(now, "x1 iso"),
+                    _ => kad.add_provider(now, FileId(key)),
+                };
+            }
+        }
+        if kad.poll_timeout().is_some_and(|t| t <= now) {
+            kad.handle_timeout(now);
+        }
+        for output in drain(&mut kad) {
+            if let KadOutput::Send { id, .. } | KadOutput::SendToAddress { id, .. } = output {
+                pending.push(id);
+            }
+        }
+        pending.truncate(500);
+    }
+    assert!(kad.table().len() <= 256 * config.bucket_size);
+    assert!(kad.queries_running() <= config.queries_max);
+    for n in 0..8u8 {
+        assert!(kad.store().charged_to(&NodeId([n; 32])) <= config.records_per_peer_max);
+    }
+    let c = kad.counters();
+    eprintln!("hostile traffic: {c:?}; store {:?}", kad.store().counters());
+    assert!(c.values_rejected > 0 && c.responses_unexpected > 0 && c.contacts_dropped > 0);
+}
