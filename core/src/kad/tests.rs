@@ -165,14 +165,44 @@ fn histogram(values: &[u32]) -> BTreeMap<u32, usize> {
     h
 }
 
+/// Outcome of a series of lookups; the vectors are sorted.
+#[derive(Debug, PartialEq, Eq)]
+struct Lookups {
+    /// Lookups whose result started with the closest live node.
+    found: usize,
+    rounds: Vec<u32>,
+    messages: Vec<u32>,
+    durations_ms: Vec<u32>,
+}
+
+impl Lookups {
+    fn summary(&self) -> String {
+        format!(
+            "found closest live {}/{}; rounds histogram {:?} (median {}, p90 {}, max {}); messages median {} p90 {}; \
+             duration ms median {} p90 {} max {}",
+            self.found,
+            self.rounds.len(),
+            histogram(&self.rounds),
+            percentile(&self.rounds, 50),
+            percentile(&self.rounds, 90),
+            percentile(&self.rounds, 100),
+            percentile(&self.messages, 50),
+            percentile(&self.messages, 90),
+            percentile(&self.durations_ms, 50),
+            percentile(&self.durations_ms, 90),
+            percentile(&self.durations_ms, 100),
+        )
+    }
+}
+
 /// `lookups` find_node queries for random keys from random live nodes, run
-/// in concurrent batches; returns how many found the closest live node and
-/// the sorted rounds and messages of each lookup.
-fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize) -> (usize, Vec<u32>, Vec<u32>) {
+/// in concurrent batches of 50.
+fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize) -> Lookups {
     const BATCH: usize = 50;
     let mut found = 0;
     let mut rounds = Vec::new();
     let mut messages = Vec::new();
+    let mut durations_ms = Vec::new();
     for batch in 0..lookups.div_ceil(BATCH) {
         let mut running = Vec::new();
         for _ in 0..BATCH.min(lookups - batch * BATCH) {
@@ -205,6 +235,7 @@ fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize)
             found += usize::from(best == closest_live(net, &target));
             rounds.push(stats.rounds);
             messages.push(stats.messages);
+            durations_ms.push(u32::try_from(stats.duration.as_millis()).unwrap());
         }
         for &(from, ..) in &running {
             net.with_node(from, |m, _| m.events.clear());
@@ -212,7 +243,8 @@ fn random_lookups(net: &mut Network<Node>, rng: &mut ChaCha8Rng, lookups: usize)
     }
     rounds.sort_unstable();
     messages.sort_unstable();
-    (found, rounds, messages)
+    durations_ms.sort_unstable();
+    Lookups { found, rounds, messages, durations_ms }
 }
 
 fn sample_manifest(name: &str, size: u64) -> (FileManifest, FileId) {
@@ -235,19 +267,10 @@ fn two_thousand_nodes_find_the_closest_node_in_few_rounds() {
         sizes.iter().sum::<usize>() as f64 / sizes.len() as f64,
         net.stats()
     );
-    let (found, rounds, messages) = random_lookups(&mut net, &mut rng, 1_000);
-    eprintln!(
-        "2000 nodes, 1000 lookups: found closest {found}/1000; rounds histogram {:?} (median {}, p90 {}, max {}); \
-         messages median {} p90 {}",
-        histogram(&rounds),
-        percentile(&rounds, 50),
-        percentile(&rounds, 90),
-        rounds[rounds.len() - 1],
-        percentile(&messages, 50),
-        percentile(&messages, 90),
-    );
-    assert_eq!(found, 1_000, "every lookup finds the true closest node");
-    assert!(percentile(&rounds, 50) <= 4, "median rounds {}", percentile(&rounds, 50));
+    let report = random_lookups(&mut net, &mut rng, 1_000);
+    eprintln!("2000 nodes, 1000 lookups: {}", report.summary());
+    assert_eq!(report.found, 1_000, "every lookup finds the true closest node");
+    assert!(percentile(&report.rounds, 50) <= 4, "median rounds {}", percentile(&report.rounds, 50));
 }
 
 #[test]
@@ -261,17 +284,10 @@ fn lookups_survive_thirty_percent_silent_crashes() {
             crashed += 1;
         }
     }
-    let (found, rounds, messages) = random_lookups(&mut net, &mut rng, 1_000);
+    let report = random_lookups(&mut net, &mut rng, 1_000);
     let failed = net.nodes().map(|(_, m)| m.kad.counters().requests_failed).sum::<u64>();
-    eprintln!(
-        "2000 nodes, 600 crashed, 1000 lookups: found closest live {found}/1000; rounds histogram {:?} (median {}); \
-         messages median {} p90 {}; requests failed {failed}",
-        histogram(&rounds),
-        percentile(&rounds, 50),
-        percentile(&messages, 50),
-        percentile(&messages, 90),
-    );
-    assert!(found >= 990, "only {found}/1000 lookups found the closest live node");
+    eprintln!("2000 nodes, 600 crashed, 1000 lookups: {}; requests failed {failed}", report.summary());
+    assert!(report.found >= 990, "only {}/1000 lookups found the closest live node", report.found);
 }
 
 fn holders(net: &Network<Node>, file: FileId) -> Vec<NodeIndex> {
@@ -331,6 +347,20 @@ fn manifests_are_found_everywhere_and_survive_holders_leaving() {
     }
     eprintln!("after holders left: found by {found}/{asked} live nodes");
     assert_eq!(found, asked);
+}
+
+#[test]
+fn same_seed_same_run() {
+    let run = || {
+        let (mut net, mut rng) = build(120, 9, &KadConfig::default());
+        let report = random_lookups(&mut net, &mut rng, 50);
+        let tables: Vec<Vec<NodeId>> =
+            net.nodes().map(|(_, m)| m.kad.table().entries().map(|e| e.contact.id).collect()).collect();
+        (net.stats(), report, tables)
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.0, b.0);
+    assert!(a == b, "two runs from the same seed diverged");
 }
 
 #[test]
