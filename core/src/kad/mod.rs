@@ -19,6 +19,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
+use crate::config::ConfigError;
 use crate::ids::{FileId, NodeId};
 use crate::manifest::{FileManifest, ManifestError};
 use crate::time::Instant;
@@ -156,6 +157,22 @@ struct Published {
 /// [`poll_timeout`]. `now` must never go backwards. `handle_timeout` may be
 /// called early or twice: it only acts on deadlines that have passed.
 ///
+/// Commands ([`bootstrap`], [`find_node`], [`get_manifest`],
+/// [`put_manifest`], [`add_provider`], [`get_providers`],
+/// [`publish_keywords`], [`search`]) are methods rather than inputs so that
+/// each returns its [`QueryId`] at once; every query ends with exactly one
+/// [`KadEvent::QueryFinished`] carrying that id (bootstrap reports
+/// [`KadEvent::Bootstrapped`] instead). Peers are addressed by [`Contact`];
+/// only bootstrap seeds, known by address alone, are reached through
+/// [`KadOutput::SendToAddress`].
+///
+/// [`bootstrap`]: Kademlia::bootstrap
+/// [`get_manifest`]: Kademlia::get_manifest
+/// [`put_manifest`]: Kademlia::put_manifest
+/// [`add_provider`]: Kademlia::add_provider
+/// [`get_providers`]: Kademlia::get_providers
+/// [`publish_keywords`]: Kademlia::publish_keywords
+/// [`search`]: Kademlia::search
 /// [`handle_input`]: Kademlia::handle_input
 /// [`handle_timeout`]: Kademlia::handle_timeout
 /// [`find_node`]: Kademlia::find_node
@@ -190,13 +207,9 @@ impl Kademlia {
     // ---- construction and getters -------------------------------------
 
     /// A node with identity `local`, randomness from `seed`, starting at
-    /// `now`. Panics if `config` does not validate (a local bug, not
-    /// peer input).
-    #[must_use]
-    pub fn new(config: KadConfig, local: Contact, seed: [u8; 32], now: Instant) -> Self {
-        if let Err(e) = config.validate() {
-            panic!("invalid KadConfig: {e}");
-        }
+    /// `now`; refuses a config that does not [`validate`](KadConfig::validate).
+    pub fn new(config: KadConfig, local: Contact, seed: [u8; 32], now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
         let mut table = RoutingTable::new(
             local.id,
             config.bucket_size,
@@ -208,7 +221,7 @@ impl Kademlia {
         let store = RecordStore::new(local.id, config.clone());
         let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);
         let bootstrap_backoff = KadConfig::ms(config.bootstrap_backoff_initial_ms);
-        Self {
+        Ok(Self {
             config,
             local,
             rng: ChaCha8Rng::from_seed(seed),
@@ -230,7 +243,7 @@ impl Kademlia {
             next_request: 0,
             next_query: 0,
             counters: KadCounters::default(),
-        }
+        })
     }
 
     /// Our own contact.

@@ -40,7 +40,11 @@ struct Node {
 impl Node {
     fn new(config: KadConfig, index: NodeIndex, id: NodeId, seed: [u8; 32]) -> Self {
         let local = Contact { id, addr: addr_of(index) };
-        Self { kad: Kademlia::new(config, local, seed, Instant::ZERO), outbox: VecDeque::new(), events: Vec::new() }
+        Self {
+            kad: Kademlia::new(config, local, seed, Instant::ZERO).unwrap(),
+            outbox: VecDeque::new(),
+            events: Vec::new(),
+        }
     }
 
     /// Move the machine's outputs to the harness (a driver's drain loop).
@@ -532,7 +536,7 @@ fn contact(n: u8) -> Contact {
 }
 
 fn machine(config: KadConfig) -> Kademlia {
-    Kademlia::new(config, Contact { id: NodeId([0xff; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO)
+    Kademlia::new(config, Contact { id: NodeId([0xff; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO).unwrap()
 }
 
 fn drain(kad: &mut Kademlia) -> Vec<KadOutput> {
@@ -555,7 +559,8 @@ fn lookup_ends_by_the_kademlia_rule_and_marks_silent_contacts_stale() {
     // Local id zero: 0x01.., 0x10.., 0x20.. fall in three different buckets,
     // so no ping-before-evict interferes.
     let mut kad =
-        Kademlia::new(config.clone(), Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO);
+        Kademlia::new(config.clone(), Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO)
+            .unwrap();
     let t0 = Instant::ZERO;
     // Learn two contacts by receiving pings from them.
     for n in [0x10, 0x20] {
@@ -681,7 +686,8 @@ fn seed_answer_fills_the_table() {
 #[test]
 fn late_lookup_answers_do_not_disturb_the_store_round() {
     let config = KadConfig { bucket_size: 2, parallelism: 2, ..KadConfig::default() };
-    let mut kad = Kademlia::new(config, Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO);
+    let mut kad =
+        Kademlia::new(config, Contact { id: NodeId([0; 32]), addr: addr_of(0) }, [9; 32], Instant::ZERO).unwrap();
     let (manifest, file) = sample_manifest("late.bin", 300_000);
     let near = |delta: u8| {
         let mut id = file.0;
@@ -838,4 +844,11 @@ fn hostile_traffic_never_panics_and_stays_bounded() {
     let c = kad.counters();
     eprintln!("hostile traffic: {c:?}; store {:?}", kad.store().counters());
     assert!(c.values_rejected > 0 && c.responses_unexpected > 0 && c.contacts_dropped > 0);
+}
+
+#[test]
+fn an_invalid_config_is_refused_not_a_panic() {
+    let config = KadConfig { parallelism: 0, ..KadConfig::default() };
+    let local = Contact { id: NodeId([1; 32]), addr: addr_of(1) };
+    assert!(Kademlia::new(config, local, [0; 32], Instant::ZERO).is_err());
 }
