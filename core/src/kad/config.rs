@@ -29,6 +29,12 @@ pub struct KadConfig {
     pub contact_fresh_ms: u64,
     /// How long a single request may take before it counts as failed.
     pub request_timeout_ms: u64,
+    /// How long a lookup waits for one answer before it stops counting the
+    /// request against α and moves on (Kademlia §2.3: "nodes that fail to
+    /// respond quickly are removed from consideration until and unless
+    /// they do respond"). The request itself still lives until
+    /// `request_timeout_ms`.
+    pub request_stall_ms: u64,
     /// How long a whole lookup may take before it ends unsuccessfully.
     pub query_timeout_ms: u64,
     /// Lookups running at once (user and internal); new ones beyond it are
@@ -106,6 +112,7 @@ impl Default for KadConfig {
             contact_failures_max: 3,
             contact_fresh_ms: 15 * 60_000,
             request_timeout_ms: 2_000,
+            request_stall_ms: 500,
             query_timeout_ms: 60_000,
             queries_max: 256,
             background_requests_inflight_max: 256,
@@ -175,6 +182,7 @@ impl KadConfig {
         }
         let intervals = [
             ("request_timeout_ms", self.request_timeout_ms),
+            ("request_stall_ms", self.request_stall_ms),
             ("query_timeout_ms", self.query_timeout_ms),
             ("bucket_refresh_interval_ms", self.bucket_refresh_interval_ms),
             ("maintenance_interval_ms", self.maintenance_interval_ms),
@@ -212,6 +220,12 @@ impl KadConfig {
             self.request_timeout_ms,
             self.query_timeout_ms.saturating_add(1),
             "must not exceed query_timeout_ms",
+        )?;
+        below(
+            "request_stall_ms",
+            self.request_stall_ms,
+            self.request_timeout_ms.saturating_add(1),
+            "must not exceed request_timeout_ms",
         )?;
         if self.bootstrap_backoff_max_ms < self.bootstrap_backoff_initial_ms {
             return Err(ConfigError::OutOfRange {

@@ -12,8 +12,18 @@ use crate::wire::{Contact, RecordKey};
 enum State {
     Fresh,
     Waiting,
+    /// Asked, no answer within the stall time: out of consideration (and
+    /// of the α count) until it answers (Kademlia §2.3).
+    Stalled,
     Answered,
     Failed,
+}
+
+impl State {
+    /// Whether the candidate counts for termination and for whom to ask.
+    fn considered(self) -> bool {
+        !matches!(self, State::Failed | State::Stalled)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -108,7 +118,7 @@ impl Lookup {
     /// The k closest candidates that have not failed: the set the
     /// Kademlia termination rule looks at.
     fn live_front(&self) -> impl Iterator<Item = &Candidate> {
-        self.candidates.values().filter(|c| c.state != State::Failed).take(self.k)
+        self.candidates.values().filter(|c| c.state.considered()).take(self.k)
     }
 
     /// Next contact to ask, if fewer than α requests are in flight and a
@@ -121,7 +131,7 @@ impl Lookup {
         let distance = self
             .candidates
             .iter()
-            .filter(|(_, c)| c.state != State::Failed)
+            .filter(|(_, c)| c.state.considered())
             .take(self.k)
             .find(|(_, c)| c.state == State::Fresh)
             .map(|(d, _)| *d)?;
@@ -135,12 +145,23 @@ impl Lookup {
 
     fn settle(&mut self, id: &NodeId, state: State) -> Option<u32> {
         let candidate = self.candidates.get_mut(&id.distance(&self.target))?;
-        if candidate.state != State::Waiting {
-            return None;
+        match candidate.state {
+            State::Waiting => self.in_flight -= 1,
+            State::Stalled => {}
+            State::Fresh | State::Answered | State::Failed => return None,
         }
         candidate.state = state;
-        self.in_flight -= 1;
         Some(candidate.depth)
+    }
+
+    /// The request to `id` is slow: stop waiting for it, but accept its
+    /// answer if it still comes.
+    pub(crate) fn stalled(&mut self, id: &NodeId) {
+        let Some(candidate) = self.candidates.get_mut(&id.distance(&self.target)) else { return };
+        if candidate.state == State::Waiting {
+            candidate.state = State::Stalled;
+            self.in_flight -= 1;
+        }
     }
 
     /// `id` answered with `closer` contacts.
@@ -236,6 +257,25 @@ mod tests {
         // A late duplicate answer does not underflow the in-flight count.
         lookup.answered(&contact(4).id, []);
         assert_eq!(lookup.in_flight(), 0);
+    }
+
+    #[test]
+    fn stalled_requests_free_their_slot_but_may_still_answer() {
+        let mut lookup = Lookup::new([0; 32], local(), 2, 1, 10);
+        lookup.add(0, [1, 2, 3].map(contact));
+        assert_eq!(lookup.next().map(|(c, _)| c.id.0[0]), Some(1));
+        assert!(lookup.next().is_none(), "alpha = 1");
+        lookup.stalled(&contact(1).id);
+        assert_eq!(lookup.next().map(|(c, _)| c.id.0[0]), Some(2), "a stalled request frees its slot");
+        lookup.answered(&contact(2).id, []);
+        assert_eq!(lookup.next().map(|(c, _)| c.id.0[0]), Some(3), "1 is out of consideration");
+        lookup.answered(&contact(3).id, []);
+        assert!(lookup.is_finished());
+        // 1 answers late after all: it is back, the closest again.
+        lookup.answered(&contact(1).id, [contact(0)]);
+        assert!(!lookup.is_finished(), "its answer named a closer contact");
+        assert_eq!(lookup.in_flight(), 0);
+        assert_eq!(lookup.closest_answered(), vec![contact(1), contact(2)]);
     }
 
     #[test]

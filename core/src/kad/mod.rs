@@ -124,11 +124,15 @@ struct Pending {
     to: Option<NodeId>,
     purpose: Purpose,
     deadline: Instant,
+    /// For lookup requests: when the lookup stops waiting for the answer.
+    stall_at: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Request(RequestId),
+    /// A lookup request is slow: stop counting it against α.
+    Stall(RequestId),
     Query(QueryId),
 }
 
@@ -305,6 +309,7 @@ impl Kademlia {
                     }
                 }
                 Timer::Query(query) => self.query_timed_out(now, query),
+                Timer::Stall(id) => self.request_stalled(now, id),
             }
         }
         if self.bootstrap_retry_at.is_some_and(|at| at <= now) {
@@ -506,6 +511,9 @@ impl Kademlia {
     fn take_pending(&mut self, id: RequestId) -> Option<Pending> {
         let pending = self.pending.remove(&id)?;
         self.timers.remove(&(pending.deadline, Timer::Request(id)));
+        if let Some(at) = pending.stall_at {
+            self.timers.remove(&(at, Timer::Stall(id)));
+        }
         if matches!(pending.purpose, Purpose::Ping | Purpose::Replicate) {
             self.background_inflight -= 1;
         }
@@ -552,6 +560,19 @@ impl Kademlia {
                 self.advance(now, query);
             }
             Purpose::Store(query) => self.store_settled(now, query, false),
+        }
+    }
+
+    /// A lookup request is slow: "nodes that fail to respond quickly are
+    /// removed from consideration until and unless they do respond"
+    /// (Kademlia §2.3), so the lookup moves on without waiting for it.
+    fn request_stalled(&mut self, now: Instant, id: RequestId) {
+        let Some(&Pending { to: Some(to), purpose: Purpose::Lookup(query), .. }) = self.pending.get(&id) else {
+            return;
+        };
+        if let Some(q) = self.queries.get_mut(&query) {
+            q.lookup.stalled(&to);
+            self.advance(now, query);
         }
     }
 
@@ -864,8 +885,12 @@ impl Kademlia {
 
     fn track(&mut self, now: Instant, id: RequestId, to: Option<NodeId>, purpose: Purpose) {
         let deadline = now + KadConfig::ms(self.config.request_timeout_ms);
-        self.pending.insert(id, Pending { to, purpose, deadline });
+        let stall_at = matches!(purpose, Purpose::Lookup(_)).then(|| now + KadConfig::ms(self.config.request_stall_ms));
+        self.pending.insert(id, Pending { to, purpose, deadline, stall_at });
         self.timers.insert((deadline, Timer::Request(id)));
+        if let Some(at) = stall_at {
+            self.timers.insert((at, Timer::Stall(id)));
+        }
         self.counters.requests_sent += 1;
     }
 

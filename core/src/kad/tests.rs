@@ -592,6 +592,13 @@ fn lookup_ends_by_the_kademlia_rule_and_marks_silent_contacts_stale() {
     kad.handle_timeout(t0);
     kad.handle_timeout(t0 + Duration::from_millis(1));
     assert_eq!(kad.counters().requests_failed, 0);
+    // First the stall deadline (a no-op: the query is over), then the
+    // request's own timeout.
+    let stall = kad.poll_timeout().unwrap();
+    assert_eq!(stall, t0 + Duration::from_millis(config.request_stall_ms));
+    kad.handle_timeout(stall);
+    assert_eq!(kad.counters().requests_failed, 0);
+    assert!(drain(&mut kad).is_empty());
     let timeout = kad.poll_timeout().unwrap();
     assert_eq!(timeout, t0 + Duration::from_millis(config.request_timeout_ms));
     kad.handle_timeout(timeout);
