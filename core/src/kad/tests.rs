@@ -859,3 +859,41 @@ fn an_invalid_config_is_refused_not_a_panic() {
     let local = Contact { id: NodeId([1; 32]), addr: addr_of(1) };
     assert!(Kademlia::new(config, local, [0; 32], Instant::ZERO).is_err());
 }
+
+#[test]
+fn an_endless_lookup_ends_at_the_query_timeout() {
+    // A tarpit: every answer names one new, closer contact, forever.
+    let config = KadConfig { query_timeout_ms: 5_000, ..KadConfig::default() };
+    let mut kad = machine(config.clone());
+    let tarpit = |n: u16| {
+        let mut id = [0u8; 32];
+        id[..2].copy_from_slice(&(0xffff - n).to_be_bytes());
+        id[31] = 1;
+        Contact { id: NodeId(id), addr: addr_of(usize::from(n) + 10) }
+    };
+    kad.handle_input(Instant::ZERO, KadInput::Request { from: tarpit(0), id: RequestId(1), request: Request::Ping });
+    drain(&mut kad);
+    let query = kad.find_node(Instant::ZERO, [0; 32]);
+    let mut now = Instant::ZERO;
+    let mut answered = 0u16;
+    let finished = loop {
+        let outputs = drain(&mut kad);
+        if let Some(stats) = outputs.iter().find_map(|o| match o {
+            KadOutput::Event(KadEvent::QueryFinished { id, stats, .. }) if *id == query => Some(*stats),
+            _ => None,
+        }) {
+            break stats;
+        }
+        now += Duration::from_millis(100);
+        kad.handle_timeout(now);
+        for (to, id, _) in sends(&outputs) {
+            answered += 1;
+            let closer = vec![tarpit(answered)];
+            kad.handle_input(now, KadInput::Response { from: to, id, response: Response::Nodes { closer } });
+        }
+        assert!(now < Instant::ZERO + Duration::from_secs(60), "the query timeout never fired");
+    };
+    assert!(!finished.success);
+    assert_eq!(finished.duration, Duration::from_millis(config.query_timeout_ms));
+    assert!(answered >= 40, "the tarpit kept it busy: {answered} answers");
+}
