@@ -19,6 +19,7 @@ pub mod content;
 pub mod exchange;
 pub mod gossip;
 pub mod ids;
+pub mod kad;
 pub mod manifest;
 pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]

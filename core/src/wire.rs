@@ -38,7 +38,7 @@ use crate::ids::{FileId, NodeId, PieceIndex};
 use crate::manifest::FileManifest;
 
 /// Encoding version carried by every frame.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Protocol version exchanged in the handshake.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of the frame length prefix.
@@ -166,6 +166,12 @@ pub enum Request {
         key: RecordKey,
         /// The value.
         record: Record,
+        /// Seconds the record should live from now: the originator sends
+        /// the full TTL, a replicating holder what is left of it, so a
+        /// record lapses once its originator stops republishing (libp2p
+        /// kad carries a record expiry the same way). Receivers clamp it
+        /// to their own maximum.
+        ttl_s: u32,
     },
     /// Register `provider` as serving `file`.
     AddProvider {

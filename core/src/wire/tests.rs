@@ -61,7 +61,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
         Just(Request::Ping),
         arb_key().prop_map(|target| Request::FindNode { target }),
         arb_key().prop_map(|key| Request::FindValue { key }),
-        (arb_key(), arb_record()).prop_map(|(key, record)| Request::Store { key, record }),
+        (arb_key(), arb_record(), any::<u32>()).prop_map(|(key, record, ttl_s)| Request::Store { key, record, ttl_s }),
         (arb_file(), arb_contact()).prop_map(|(file, provider)| Request::AddProvider { file, provider }),
         arb_file().prop_map(|file| Request::GetProviders { file }),
     ]
@@ -311,7 +311,7 @@ fn manifest_records_fit_the_default_frame() {
     assert!(manifest.piece_hashes.is_some());
     let message = Message::Request {
         id: RequestId(u64::MAX),
-        body: Request::Store { key: [0; 32], record: Record::Manifest(manifest) },
+        body: Request::Store { key: [0; 32], record: Record::Manifest(manifest), ttl_s: u32::MAX },
     };
     let frame = encode_parts(&message, Config::default().frame_bytes_max).unwrap();
     assert!(frame.len() < 40 * 1024, "{} bytes", frame.len());
