@@ -5,3 +5,5 @@
 //! workspace (`core <- node <- sim <- scenarios`).
 
 pub use shoal_core as core;
+
+pub mod store;
