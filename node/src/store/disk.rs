@@ -33,7 +33,8 @@
 //! blocks are read alone with `pread`, shared files are never loaded whole.
 //!
 //! Bitfield format: `"shoalhv1"`, piece count (u32 LE), the packed bits
-//! (MSB first), then SHA-256 of everything before it.
+//! (MSB first), then SHA-256 of everything before it. The shared record is
+//! postcard, then SHA-256 of it.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -68,7 +69,7 @@ const MANIFEST_BYTES_MAX: u64 = 1 << 20;
 /// A shared-file record is a path plus three integers.
 const SHARED_RECORD_BYTES_MAX: u64 = 64 * 1024;
 const HELD_MAGIC: &[u8; 8] = b"shoalhv1";
-const HELD_CHECKSUM_BYTES: usize = 32;
+const CHECKSUM_BYTES: usize = 32;
 
 /// What open did about a file directory it could not fully trust.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -205,7 +206,7 @@ fn create_data_file(path: &Path, file_bytes: u64) -> Result<(), StoreError> {
 }
 
 fn encode_held(held: &HeldPieces) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(HELD_MAGIC.len() + 4 + held.packed().len() + HELD_CHECKSUM_BYTES);
+    let mut bytes = Vec::with_capacity(HELD_MAGIC.len() + 4 + held.packed().len() + CHECKSUM_BYTES);
     bytes.extend_from_slice(HELD_MAGIC);
     bytes.extend_from_slice(&held.piece_count().to_le_bytes());
     bytes.extend_from_slice(held.packed());
@@ -216,11 +217,11 @@ fn encode_held(held: &HeldPieces) -> Vec<u8> {
 
 fn decode_held(bytes: &[u8], piece_count: u32) -> Result<HeldPieces, String> {
     let packed_len = piece_count.div_ceil(8) as usize;
-    let expected_len = HELD_MAGIC.len() + 4 + packed_len + HELD_CHECKSUM_BYTES;
+    let expected_len = HELD_MAGIC.len() + 4 + packed_len + CHECKSUM_BYTES;
     if bytes.len() != expected_len {
         return Err(format!("{} bytes, expected {expected_len}", bytes.len()));
     }
-    let (body, checksum) = bytes.split_at(bytes.len() - HELD_CHECKSUM_BYTES);
+    let (body, checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
     if content::hash_piece(body).0 != checksum {
         return Err("checksum mismatch".into());
     }
@@ -233,6 +234,31 @@ fn decode_held(bytes: &[u8], piece_count: u32) -> Result<HeldPieces, String> {
         return Err("bitfield is for another piece count".into());
     }
     HeldPieces::from_packed(piece_count, packed.to_vec()).ok_or_else(|| "spare bits set".to_string())
+}
+
+/// The record, then SHA-256 of it: a damaged record must not point the
+/// store at some other file.
+fn encode_shared(record: &SharedRecord) -> Vec<u8> {
+    // Serialising plain owned data into a Vec cannot fail.
+    let mut bytes = postcard::to_allocvec(record).unwrap_or_default();
+    let checksum = content::hash_piece(&bytes);
+    bytes.extend_from_slice(&checksum.0);
+    bytes
+}
+
+fn decode_shared(bytes: &[u8]) -> Result<SharedRecord, String> {
+    let Some(body_len) = bytes.len().checked_sub(CHECKSUM_BYTES) else {
+        return Err(format!("{} bytes is too short", bytes.len()));
+    };
+    let (body, checksum) = bytes.split_at(body_len);
+    if content::hash_piece(body).0 != checksum {
+        return Err("checksum mismatch".into());
+    }
+    let (record, rest) = postcard::take_from_bytes(body).map_err(|error| error.to_string())?;
+    if !rest.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(record)
 }
 
 /// Length and mtime, as recorded for a shared file.
@@ -361,8 +387,7 @@ impl DiskStore {
         let shared_path = dir.join(SHARED_FILE);
         if shared_path.exists() {
             let bytes = read_capped(&shared_path, SHARED_RECORD_BYTES_MAX)?;
-            let record: SharedRecord =
-                postcard::from_bytes(&bytes).map_err(|error| corrupt(&shared_path, error.to_string()))?;
+            let record = decode_shared(&bytes).map_err(|reason| corrupt(&shared_path, reason))?;
             if record.file_bytes != layout.file_bytes() {
                 return Err(corrupt(&shared_path, "recorded length differs from the manifest"));
             }
@@ -508,7 +533,7 @@ impl Store for DiskStore {
             return Err(StoreError::SharedLength { path, expected: meta.layout.file_bytes(), got: file_bytes });
         }
         let record = SharedRecord { path: path.as_os_str().as_bytes().to_vec(), file_bytes, mtime_s, mtime_ns };
-        let encoded = postcard::to_allocvec(&record).map_err(|error| corrupt(&path, error.to_string()))?;
+        let encoded = encode_shared(&record);
         let dir = self.create_dir_with(&meta, |staging| write_synced(&staging.join(SHARED_FILE), &encoded))?;
         let held = HeldPieces::all(meta.layout.piece_count());
         self.files.insert(id, DiskFile { meta, dir, held, source: Source::Shared { path, record } });

@@ -24,7 +24,7 @@ use crate::core::content::{self, BLOCK_BYTES, Layout, PieceHash};
 use crate::core::ids::{FileId, PieceIndex};
 use crate::core::manifest::{FileManifest, ManifestError};
 
-pub use disk::{DiskStore, LoadIssue};
+pub use disk::{DiskStore, LoadIssue, Recovery};
 pub use memory::MemoryStore;
 
 /// Piece storage for the node's driver. The driver calls it synchronously
@@ -123,11 +123,12 @@ impl HeldPieces {
     /// Every piece held.
     #[must_use]
     pub fn all(piece_count: u32) -> Self {
-        let mut held = Self::none(piece_count);
-        for index in 0..piece_count {
-            held.insert(PieceIndex(index));
+        let mut packed = vec![0xff; piece_count.div_ceil(8) as usize];
+        let spare = (8 - piece_count % 8) % 8;
+        if let Some(last) = packed.last_mut() {
+            *last &= 0xff << spare;
         }
-        held
+        Self { piece_count, packed, held_count: piece_count }
     }
 
     /// Adopt packed bits; `None` unless there is exactly one byte per eight

@@ -275,6 +275,31 @@ suite!(disk_suite, {
     (dir, store)
 });
 
+#[test]
+fn held_pieces_pack_msb_first() {
+    for piece_count in [0, 1, 7, 8, 9, 16, 17] {
+        let all = HeldPieces::all(piece_count);
+        let mut built = HeldPieces::none(piece_count);
+        for index in 0..piece_count {
+            assert!(built.insert(PieceIndex(index)));
+            assert!(!built.insert(PieceIndex(index)));
+        }
+        assert_eq!(all, built, "{piece_count} pieces");
+        assert!(all.is_complete());
+        assert_eq!(HeldPieces::from_packed(piece_count, all.packed().to_vec()), Some(all));
+    }
+    let mut held = HeldPieces::none(10);
+    held.insert(PieceIndex(0));
+    held.insert(PieceIndex(9));
+    assert_eq!(held.packed(), [0x80, 0x40]);
+    assert_eq!(held.indices(), [PieceIndex(0), PieceIndex(9)]);
+    assert!(!held.contains(PieceIndex(10)));
+    // Wrong length or spare bits set: refused.
+    assert_eq!(HeldPieces::from_packed(10, vec![0xff]), None);
+    assert_eq!(HeldPieces::from_packed(10, vec![0xff, 0x20]), None);
+    assert_eq!(HeldPieces::from_packed(10, vec![0xff, 0xc0]).map(|held| held.count()), Some(10));
+}
+
 // ---- memory store ----
 
 #[test]
@@ -595,10 +620,19 @@ fn disk_corrupt_shared_record_is_skipped() {
     let original = dir.path().join("original");
     fs::write(&original, &sample.data).unwrap();
     open(dir.path()).add_shared(original, &sample.manifest, &sample.hashes).unwrap();
-    fs::write(file_dir(dir.path(), &sample.id).join("shared"), b"\x80\x80\x80").unwrap();
-    let store = open(dir.path());
-    assert!(store.files().is_empty());
-    assert_eq!(recoveries(&store), [Recovery::Skipped]);
+    let record = file_dir(dir.path(), &sample.id).join("shared");
+    let good = fs::read(&record).unwrap();
+    // A path byte changed (it would name another file), a truncation, junk.
+    let mut retargeted = good.clone();
+    retargeted[3] ^= 1;
+    for damaged in [retargeted, good[..good.len() - 1].to_vec(), b"\x80\x80\x80".to_vec()] {
+        fs::write(&record, &damaged).unwrap();
+        let store = open(dir.path());
+        assert!(store.files().is_empty());
+        assert_eq!(recoveries(&store), [Recovery::Skipped]);
+    }
+    fs::write(&record, &good).unwrap();
+    assert_eq!(open(dir.path()).files().len(), 1);
 }
 
 #[test]
