@@ -30,8 +30,8 @@ use shoal_node::store::{DiskStore, Store};
 const CHILD_DIR_ENV: &str = "SHOAL_STORE_CRASH_DIR";
 /// Prefix of the child's protocol lines (the test harness prints too).
 const REPORT: &str = "@@store-crash ";
-/// 6 MiB and a short tail in 64 KiB pieces: 97 pieces.
-const FILE_BYTES: usize = 6 * 1024 * 1024 + 777;
+/// 8 MiB and a short tail in 64 KiB pieces: 129 pieces.
+const FILE_BYTES: usize = 8 * 1024 * 1024 + 777;
 const PIECE_BYTES: u32 = 64 * 1024;
 
 struct Fixture {
@@ -221,20 +221,23 @@ fn crash_and_resume() {
     let fixture = fixture();
     let piece_count = fixture.layout.piece_count();
     let dir = tempfile::tempdir().unwrap();
+    // Kills are tied to the child's reports, not to wall-clock time alone,
+    // so a fast disk cannot let one child finish the whole file early; the
+    // millisecond offsets land inside a later write_piece.
     let plan = [
         Kill::AfterMs(0),
         Kill::AtOpen,
         Kill::AtOpen,
         Kill::AfterPieces(1),
-        Kill::AfterMs(150),
-        Kill::AfterPiecesThenMs(3, 1),
+        Kill::AfterPiecesThenMs(1, 2),
         Kill::AfterPieces(5),
         Kill::AfterPiecesThenMs(4, 3),
         Kill::AfterPieces(17),
-        Kill::AfterPiecesThenMs(10, 7),
+        Kill::AfterPiecesThenMs(10, 5),
         Kill::AfterPieces(20),
         Kill::Never,
     ];
+    let mut interrupted_downloads = 0;
     let mut held: Vec<u32> = Vec::new();
     for (step, kill) in plan.into_iter().enumerate() {
         let run = run_child(dir.path(), kill);
@@ -252,11 +255,16 @@ fn crash_and_resume() {
             assert!(now.contains(piece), "step {step} ({kill:?}): piece {piece} returned Ok but is not held");
         }
         eprintln!("step {step} {kill:?}: child wrote {} pieces, {} of {piece_count} held", run.wrote.len(), now.len());
+        if !run.done && run.resumed_missing.is_some() {
+            interrupted_downloads += 1;
+        }
         held = now;
         if run.done {
             break;
         }
     }
+    // The piece-count kills must each have cut a download short.
+    assert!(interrupted_downloads >= 6, "only {interrupted_downloads} kills interrupted a download");
     assert_eq!(held.len(), piece_count as usize, "download did not complete");
     let store = DiskStore::open(dir.path()).unwrap();
     let data = std::fs::read(store.data_path(&fixture.id).unwrap()).unwrap();
