@@ -275,6 +275,8 @@ impl DiskStore {
         let data_dir = data_dir.as_ref().to_path_buf();
         let files_dir = data_dir.join(FILES_DIR);
         fs::create_dir_all(&files_dir).map_err(io_error("create directory", &files_dir))?;
+        // Make `files/` itself durable before anything is committed in it.
+        sync_dir(&data_dir)?;
         let lock_path = data_dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)

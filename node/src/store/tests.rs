@@ -230,6 +230,19 @@ fn suite_shared<S: Store>(store: &mut S, sample: &Sample, source: S::SharedSourc
     assert_blocks_match(store, sample);
 }
 
+fn suite_empty_file<S: Store>(store: &mut S) {
+    let sample = Sample::new(0, PIECE_BYTES_MIN, 9, true);
+    assert_eq!(store.create(&sample.manifest, &sample.hashes).unwrap(), sample.id);
+    let held = store.held(&sample.id).unwrap();
+    assert_eq!((held.count(), held.piece_count(), held.is_complete()), (0, 0, true));
+    assert!(matches!(store.read_block(&sample.id, PieceIndex(0), 0, 1), Err(StoreError::PieceOutOfRange { .. })));
+    assert!(matches!(
+        store.write_piece(&sample.id, PieceIndex(0), Bytes::new()),
+        Err(StoreError::PieceOutOfRange { .. })
+    ));
+    store.remove(&sample.id).unwrap();
+}
+
 macro_rules! suite {
     ($store:ident, $make:expr) => {
         mod $store {
@@ -257,6 +270,12 @@ macro_rules! suite {
             fn create_validates() {
                 let (_dir, mut store) = $make;
                 suite_create_validates(&mut store);
+            }
+
+            #[test]
+            fn empty_file() {
+                let (_dir, mut store) = $make;
+                suite_empty_file(&mut store);
             }
 
             #[test]
@@ -347,6 +366,7 @@ fn recoveries(store: &DiskStore) -> Vec<Recovery> {
 fn disk_reopen_keeps_state_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let inline = Sample::small(10);
+    let empty = Sample::new(0, PIECE_BYTES_MIN, 9, true);
     // More pieces than fit inline: its hashes live in their own file.
     let separate = Sample::new(40 * PIECE_BYTES_MIN as usize + 5, PIECE_BYTES_MIN, 11, false);
     {
@@ -357,12 +377,14 @@ fn disk_reopen_keeps_state_and_resumes() {
                 store.write_piece(&sample.id, PieceIndex(index), sample.piece(index)).unwrap();
             }
         }
+        store.create(&empty.manifest, &empty.hashes).unwrap();
         assert!(file_dir(dir.path(), &separate.id).join("hashes").exists());
         assert!(!file_dir(dir.path(), &inline.id).join("hashes").exists());
     }
     let mut store = open(dir.path());
     assert!(store.load_issues().is_empty(), "{:?}", store.load_issues());
-    assert_eq!(store.files().len(), 2);
+    assert_eq!(store.files().len(), 3);
+    assert!(store.held(&empty.id).unwrap().is_complete());
     for sample in [&inline, &separate] {
         assert_eq!(store.manifest(&sample.id), Some(&sample.manifest));
         assert_eq!(store.piece_hashes(&sample.id), Some(&sample.hashes[..]));
