@@ -72,7 +72,7 @@ const HELD_MAGIC: &[u8; 8] = b"shoalhv1";
 const CHECKSUM_BYTES: usize = 32;
 
 /// What open did about a file directory it could not fully trust.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Recovery {
     /// The directory is not tracked (left on disk untouched; creating the
     /// same file again replaces it).
