@@ -318,6 +318,42 @@ impl DiskStore {
         })
     }
 
+    /// Re-read every held piece of `file` and check it against its hash
+    /// (a scrub, for after a power loss or on an operator's request; a
+    /// crash alone never needs it). Memory: one piece buffer. Returns the
+    /// pieces that failed. A download stops holding them (persisted); a
+    /// shared file is left as it is (share it again), since its pieces are
+    /// the user's file.
+    pub fn verify_held(&mut self, file: &FileId) -> Result<Vec<PieceIndex>, StoreError> {
+        let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
+        let path = match &entry.source {
+            Source::Download { data } => data,
+            Source::Shared { path, .. } => path,
+        };
+        let handle = File::open(path).map_err(io_error("open", path))?;
+        let layout = entry.meta.layout;
+        let mut buffer =
+            vec![0u8; layout.piece_bytes().min(layout.file_bytes().try_into().unwrap_or(u32::MAX)) as usize];
+        let mut failed = Vec::new();
+        for piece in entry.held.indices() {
+            let bytes = &mut buffer[..layout.piece_len(piece) as usize];
+            let read = handle.read_exact_at(bytes, layout.piece_offset(piece));
+            if read.is_err() || !content::verify_piece(&entry.meta.hashes[piece.0 as usize], bytes) {
+                failed.push(piece);
+            }
+        }
+        if failed.is_empty() || matches!(entry.source, Source::Shared { .. }) {
+            return Ok(failed);
+        }
+        let mut held = entry.held.clone();
+        for &piece in &failed {
+            held.remove(piece);
+        }
+        replace_atomically(&entry.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))?;
+        entry.held = held;
+        Ok(failed)
+    }
+
     fn load_all(&mut self) -> Result<(), StoreError> {
         let entries = fs::read_dir(&self.files_dir).map_err(io_error("list", &self.files_dir))?;
         let mut names = Vec::new();

@@ -164,6 +164,16 @@ impl HeldPieces {
         added
     }
 
+    /// Mark `piece` not held; returns whether it was held.
+    pub fn remove(&mut self, piece: PieceIndex) -> bool {
+        if !self.contains(piece) {
+            return false;
+        }
+        self.packed[(piece.0 / 8) as usize] &= !(0x80 >> (piece.0 % 8));
+        self.held_count -= 1;
+        true
+    }
+
     /// Pieces held.
     #[must_use]
     pub fn count(&self) -> u32 {

@@ -312,6 +312,10 @@ fn held_pieces_pack_msb_first() {
     held.insert(PieceIndex(9));
     assert_eq!(held.packed(), [0x80, 0x40]);
     assert_eq!(held.indices(), [PieceIndex(0), PieceIndex(9)]);
+    assert!(held.remove(PieceIndex(0)));
+    assert!(!held.remove(PieceIndex(0)));
+    assert!(!held.remove(PieceIndex(10)));
+    assert_eq!((held.packed(), held.count()), (&[0x00, 0x40][..], 1));
     assert!(!held.contains(PieceIndex(10)));
     // Wrong length or spare bits set: refused.
     assert_eq!(HeldPieces::from_packed(10, vec![0xff]), None);
@@ -762,4 +766,48 @@ fn disk_random_damage_never_panics_or_serves_bad_pieces() {
     for recovery in [Recovery::Skipped, Recovery::HeldReset, Recovery::DataRecreated] {
         assert!(seen.contains(&recovery), "{recovery:?} never happened");
     }
+}
+
+#[test]
+fn disk_verify_held_drops_corrupted_pieces() {
+    let (dir, sample, file_dir) = damaged_fixture(40);
+    let mut store = open(dir.path());
+    assert_eq!(store.verify_held(&sample.id).unwrap(), []);
+    drop(store);
+    // Silent corruption inside held piece 2, as a lying disk might leave.
+    let data = file_dir.join("data");
+    let mut bytes = fs::read(&data).unwrap();
+    bytes[2 * PIECE_BYTES_MIN as usize + 500] ^= 0x10;
+    fs::write(&data, &bytes).unwrap();
+    let mut store = open(dir.path());
+    assert_eq!(store.verify_held(&sample.id).unwrap(), [PieceIndex(2)]);
+    assert_eq!(store.held(&sample.id).unwrap().indices(), [PieceIndex(0)]);
+    drop(store);
+    let mut store = open(dir.path());
+    assert_eq!(store.held(&sample.id).unwrap().indices(), [PieceIndex(0)], "the drop was not persisted");
+    store.write_piece(&sample.id, PieceIndex(2), sample.piece(2)).unwrap();
+    assert_eq!(store.verify_held(&sample.id).unwrap(), []);
+    assert_blocks_match(&mut store, &sample);
+    assert!(matches!(store.verify_held(&FileId([1; 32])), Err(StoreError::UnknownFile { .. })));
+}
+
+#[test]
+fn disk_verify_held_catches_a_shared_change_the_mtime_check_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = Sample::small(41);
+    let original = dir.path().join("original");
+    fs::write(&original, &sample.data).unwrap();
+    let mtime = fs::metadata(&original).unwrap().modified().unwrap();
+    let mut store = open(&dir.path().join("store"));
+    store.add_shared(original.clone(), &sample.manifest, &sample.hashes).unwrap();
+    assert_eq!(store.verify_held(&sample.id).unwrap(), []);
+    // Same length, mtime put back: read_block cannot tell...
+    let mut changed = sample.data.clone();
+    changed[3 * PIECE_BYTES_MIN as usize] ^= 1;
+    fs::write(&original, &changed).unwrap();
+    fs::File::options().write(true).open(&original).unwrap().set_modified(mtime).unwrap();
+    assert!(store.read_block(&sample.id, PieceIndex(3), 0, 16).is_ok());
+    // ...a scrub can. The user's file is not touched.
+    assert_eq!(store.verify_held(&sample.id).unwrap(), [PieceIndex(3)]);
+    assert_eq!(fs::read(&original).unwrap(), changed);
 }
