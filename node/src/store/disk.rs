@@ -332,8 +332,8 @@ impl DiskStore {
         };
         let handle = File::open(path).map_err(io_error("open", path))?;
         let layout = entry.meta.layout;
-        let mut buffer =
-            vec![0u8; layout.piece_bytes().min(layout.file_bytes().try_into().unwrap_or(u32::MAX)) as usize];
+        // Piece 0 is the longest piece (0 bytes for an empty file).
+        let mut buffer = vec![0u8; layout.piece_len(PieceIndex(0)) as usize];
         let mut failed = Vec::new();
         for piece in entry.held.indices() {
             let bytes = &mut buffer[..layout.piece_len(piece) as usize];
