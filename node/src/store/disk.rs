@@ -1,40 +1,4 @@
-//! The daemon's crash-safe store.
-//!
-//! Layout under the data directory:
-//! ```text
-//! lock                         flock'd while a DiskStore is open (one process per data dir)
-//! files/<file-id-hex>/
-//!     manifest                 postcard FileManifest::to_bytes; re-validated on load
-//!     hashes                   32 B per piece, only when the manifest lacks them;
-//!                              checked against the manifest root on load
-//!     data                     a download's bytes, preallocated to the file length
-//!     held                     a download's held-pieces bitfield (format below)
-//!     shared                   instead of data + held: a shared file's original path,
-//!                              length and mtime
-//! files/.staging-<hex>/        a file being created; deleted on open
-//! files/.removing-<hex>/       a file being removed; deleted on open
-//! ```
-//!
-//! Crash safety (a `kill -9` or power loss at any moment):
-//! - A file directory appears whole or not at all: it is built under
-//!   `.staging-`, every file in it fsynced, then renamed into place and the
-//!   parent directory fsynced.
-//! - A piece is written with `pwrite`, `sync_data`ed, and only then is its
-//!   bit set and the bitfield replaced atomically (write `held.tmp`, fsync
-//!   it, rename over `held`, fsync the directory). A crash therefore loses
-//!   at most the piece in flight, and a held bit always names bytes that
-//!   reached the disk after their hash was checked.
-//! - Everything read back is untrusted: a manifest that fails validation or
-//!   hashes that miss the root make the file skipped and reported in
-//!   [`DiskStore::load_issues`]; a missing or corrupt bitfield means
-//!   "nothing held"; a missing or wrong-length data file is recreated empty.
-//!
-//! Memory is bounded whatever the file size: pieces are written as given,
-//! blocks are read alone with `pread`, shared files are never loaded whole.
-//!
-//! Bitfield format: `"shoalhv1"`, piece count (u32 LE), the packed bits
-//! (MSB first), then SHA-256 of everything before it. The shared record is
-//! postcard, then SHA-256 of it.
+//! The daemon's crash-safe store: [`DiskStore`].
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -130,7 +94,43 @@ struct DiskFile {
     source: Source,
 }
 
-/// Pieces on disk under one data directory (module docs).
+/// The daemon's crash-safe store, one per data directory.
+///
+/// Layout under the data directory:
+/// ```text
+/// lock                         flock'd while a DiskStore is open (one process per data dir)
+/// files/<file-id-hex>/
+///     manifest                 postcard FileManifest::to_bytes; re-validated on load
+///     hashes                   32 B per piece, only when the manifest lacks them;
+///                              checked against the manifest root on load
+///     data                     a download's bytes, preallocated to the file length
+///     held                     a download's held-pieces bitfield (format below)
+///     shared                   instead of data + held: a shared file's original path,
+///                              length and mtime
+/// files/.staging-<hex>/        a file being created; deleted on open
+/// files/.removing-<hex>/       a file being removed; deleted on open
+/// ```
+///
+/// Crash safety (a `kill -9` or power loss at any moment):
+/// - A file directory appears whole or not at all: it is built under
+///   `.staging-`, every file in it fsynced, then renamed into place and the
+///   parent directory fsynced.
+/// - A piece is written with `pwrite`, `sync_data`ed, and only then is its
+///   bit set and the bitfield replaced atomically (write `held.tmp`, fsync
+///   it, rename over `held`, fsync the directory). A crash therefore loses
+///   at most the piece in flight, and a held bit always names bytes that
+///   reached the disk after their hash was checked.
+/// - Everything read back is untrusted: a manifest that fails validation or
+///   hashes that miss the root make the file skipped and reported in
+///   [`DiskStore::load_issues`]; a missing or corrupt bitfield means
+///   "nothing held"; a missing or wrong-length data file is recreated empty.
+///
+/// Memory is bounded whatever the file size: pieces are written as given,
+/// blocks are read alone with `pread`, shared files are never loaded whole.
+///
+/// Bitfield format: `"shoalhv1"`, piece count (u32 LE), the packed bits
+/// (MSB first), then SHA-256 of everything before it. The shared record is
+/// postcard, then SHA-256 of it.
 #[derive(Debug)]
 pub struct DiskStore {
     data_dir: PathBuf,

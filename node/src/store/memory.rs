@@ -1,8 +1,4 @@
-//! The simulator's store: pieces as [`Bytes`], so storing or serving a
-//! piece is a reference-count bump, and hosts that hold the same file can
-//! share one buffer per piece ([`MemoryStore::piece`] hands it out). Memory
-//! is bounded only by what is added; a crashed host that "keeps its store"
-//! keeps this value.
+//! The simulator's store: [`MemoryStore`].
 
 use std::collections::BTreeMap;
 
@@ -23,7 +19,11 @@ struct MemoryFile {
     shared: bool,
 }
 
-/// Pieces in memory, ordered by file id.
+/// The simulator's store: pieces as [`Bytes`], so storing or serving a
+/// piece is a reference-count bump, and hosts that hold the same file can
+/// share one buffer per piece ([`MemoryStore::piece`] hands it out). Memory
+/// is bounded only by what is added; a crashed host that "keeps its store"
+/// keeps this value.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     files: BTreeMap<FileId, MemoryFile>,

@@ -4,7 +4,7 @@
 //! - [`MemoryStore`]: pieces as shared [`Bytes`], for the simulator (a
 //!   thousand hosts holding one file can hold one copy of it);
 //! - [`DiskStore`]: the `shoal` daemon's crash-safe store under a data
-//!   directory (layout and ordering rules in [`disk`]).
+//!   directory (layout and ordering rules in its docs).
 //!
 //! Both stores check everything against the file's validated manifest and
 //! piece hashes: a piece is stored only if it hashes to its manifest hash,
