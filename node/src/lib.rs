@@ -10,4 +10,5 @@ pub mod framing;
 pub mod handshake;
 pub mod identity;
 pub mod ratelimit;
+pub mod store;
 pub mod transport;
