@@ -2,9 +2,14 @@
 //! (STYLE.md §3). Each field says why it has the value it has; overflow of
 //! any of them drops or disconnects and is counted, never grows memory.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::content::BLOCK_BYTES;
+use crate::exchange::ExchangeConfig;
+use crate::gossip::GossipConfig;
+use crate::kad::KadConfig;
 
 /// Protocol limits and intervals shared by every machine of a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,11 +20,40 @@ pub struct Config {
     /// with 1024 inline hashes (~33 KiB) and a 16 KiB block; 256 KiB leaves
     /// room while bounding what one peer can make us buffer.
     pub frame_bytes_max: u32,
+    /// Connections open at once; bounds per-connection state in every
+    /// machine (the driver refuses more and counts them).
+    pub connections_max: u32,
+    /// DHT requests waiting for a connection to be dialled, over all
+    /// addresses; more fail at once (counted) rather than queue.
+    pub dial_pending_max: u32,
+    /// Providers a download connects to from one provider lookup.
+    pub providers_per_lookup_max: u32,
+    /// A download with fewer peers than this looks for providers again
+    /// every `provider_refresh_interval`.
+    pub download_peers_target: u32,
+    /// See `download_peers_target`.
+    pub provider_refresh_interval: Duration,
+    /// Kademlia limits and timings.
+    pub kad: KadConfig,
+    /// Gossip limits and timings.
+    pub gossip: GossipConfig,
+    /// Piece-exchange limits and timings.
+    pub exchange: ExchangeConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { frame_bytes_max: 256 * 1024 }
+        Self {
+            frame_bytes_max: 256 * 1024,
+            connections_max: 256,
+            dial_pending_max: 1024,
+            providers_per_lookup_max: 32,
+            download_peers_target: 8,
+            provider_refresh_interval: Duration::from_secs(30),
+            kad: KadConfig::default(),
+            gossip: GossipConfig::default(),
+            exchange: ExchangeConfig::default(),
+        }
     }
 }
 
@@ -50,7 +84,12 @@ impl Config {
                 why: "must hold a 16 KiB block with its header (>= 32768)",
             });
         }
-        Ok(())
+        if self.connections_max == 0 {
+            return Err(ConfigError::OutOfRange { field: "connections_max", value: 0, why: "at least 1" });
+        }
+        self.kad.validate()?;
+        self.gossip.validate()?;
+        self.exchange.validate()
     }
 }
 
@@ -61,7 +100,7 @@ mod tests {
     #[test]
     fn default_is_valid_and_tiny_frames_are_not() {
         Config::default().validate().unwrap();
-        let tiny = Config { frame_bytes_max: 1024 };
+        let tiny = Config { frame_bytes_max: 1024, ..Config::default() };
         assert!(tiny.validate().is_err());
     }
 }

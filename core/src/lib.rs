@@ -21,6 +21,7 @@ pub mod gossip;
 pub mod ids;
 pub mod kad;
 pub mod manifest;
+pub mod node;
 pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

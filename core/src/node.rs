@@ -1,0 +1,709 @@
+//! The composed node: Kademlia, gossip and the piece exchange behind the
+//! one sans-IO surface the driver runs (DESIGN.md).
+//!
+//! The node owns the connection table. The driver does the handshake and
+//! reports each authenticated connection ([`NodeInput::Connected`]); the
+//! node routes frames to the machine they belong to and turns the machines'
+//! outputs into frames, dials and store operations. Kademlia addresses
+//! peers by contact: a request to a node without a connection is queued
+//! behind a [`NodeOutput::Dial`] (bounded by `dial_pending_max`), and fails
+//! back to Kademlia if the dial fails or the connection drops.
+//!
+//! The user flows (after the seed design):
+//! - **share**: serve the file, store its manifest on the k closest nodes,
+//!   add a provider record, publish its name's keywords, announce it on
+//!   gossip (Files and Swarm topics);
+//! - **get**: find the manifest by `FileId` (validated), start the
+//!   download, find providers (plus gossip swarm notices), connect and open
+//!   exchange sessions; providers are looked up again while the download
+//!   has few peers; when complete, the node becomes a provider itself;
+//! - **search**: the DHT keyword lookup, merged with the local index of
+//!   gossip file announcements.
+//!
+//! Call order (STYLE.md §1): one `handle_input`, `handle_timeout` or
+//! command, then [`Node::poll_output`] until `None`, then arm a timer for
+//! [`Node::poll_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use rand::SeedableRng;
+use rand::rngs::ChaCha8Rng;
+
+use crate::config::{Config, ConfigError};
+use crate::content::PieceHash;
+use crate::exchange::{Exchange, ExchangeEvent, ExchangeInput, ExchangeOutput};
+use crate::gossip::{Gossip, GossipEvent, GossipInput, GossipOutput};
+use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
+use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
+use crate::manifest::FileManifest;
+use crate::time::Instant;
+use crate::wire::{Announcement, Contact, GoodbyeReason, KeywordEntry, Message, Request, RequestId, Topic};
+
+/// What the driver tells the node.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum NodeInput {
+    /// A connection finished its handshake.
+    Connected {
+        /// The driver's handle for it.
+        conn: ConnId,
+        /// The authenticated peer.
+        peer: NodeId,
+        /// Where the peer accepts connections (from its hello), else the
+        /// address it connected from.
+        addr: SocketAddr,
+        /// For a connection we dialled: the address we dialled (its queued
+        /// requests go out now).
+        dialed: Option<SocketAddr>,
+    },
+    /// A dial failed (refused, unreachable, handshake failed, timed out).
+    DialFailed {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// A connection closed.
+    Disconnected {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A frame arrived (handshake frames and keepalives stay in the driver).
+    Message {
+        /// From this connection.
+        conn: ConnId,
+        /// The message.
+        message: Message,
+    },
+    /// The driver sent (or dropped) a block it was asked to serve.
+    BlockSent {
+        /// The connection.
+        conn: ConnId,
+        /// The file.
+        file: FileId,
+    },
+}
+
+/// What the node asks of the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeOutput {
+    /// Connect to `addr` and report `Connected` (with `dialed`) or
+    /// `DialFailed`.
+    Dial {
+        /// Where.
+        addr: SocketAddr,
+    },
+    /// Send a frame.
+    Send {
+        /// On this connection.
+        conn: ConnId,
+        /// The frame.
+        message: Message,
+    },
+    /// Read a block from the store and send it (then report `BlockSent`).
+    ServeBlock {
+        /// To this connection.
+        conn: ConnId,
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// Offset in the piece.
+        offset: u32,
+        /// Length.
+        length: u32,
+    },
+    /// Write a verified piece to the store.
+    StorePiece {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// Its bytes.
+        data: Bytes,
+    },
+    /// Close a connection, telling the peer why.
+    Disconnect {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        reason: GoodbyeReason,
+    },
+    /// Something the user or the simulator may want to know.
+    Event(NodeEvent),
+}
+
+/// What a DHT lookup was for (simulator metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LookupKind {
+    /// Joining the network.
+    Bootstrap,
+    /// Finding a manifest.
+    Manifest,
+    /// Finding providers.
+    Providers,
+    /// Storing a manifest or provider record.
+    Publish,
+    /// Name search.
+    Search,
+}
+
+/// Node-level events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// Bootstrap finished with this many contacts.
+    Bootstrapped {
+        /// Routing-table contacts.
+        contacts: usize,
+    },
+    /// A DHT query ended.
+    Lookup {
+        /// What it was for.
+        kind: LookupKind,
+        /// Rounds, messages, duration, success.
+        stats: QueryStats,
+    },
+    /// The manifest of a requested file was found; the download started.
+    DownloadStarted {
+        /// The file.
+        file: FileId,
+        /// Its manifest.
+        manifest: FileManifest,
+    },
+    /// No valid manifest was found for a requested file.
+    ManifestNotFound {
+        /// The file.
+        file: FileId,
+    },
+    /// Results of a search.
+    SearchResults {
+        /// The id [`Node::search`] returned.
+        id: QueryId,
+        /// Matching files, by id.
+        entries: Vec<KeywordEntry>,
+    },
+    /// A gossip message was delivered.
+    Gossip(GossipEvent),
+    /// A piece-exchange event (verified pieces, completion, bans).
+    Exchange(ExchangeEvent),
+}
+
+/// Counters of the composition itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Requests failed at once because `dial_pending_max` was reached.
+    pub dial_queue_full: u64,
+    /// Frames that belong to no machine here (handshake frames after it).
+    pub frames_unexpected: u64,
+    /// Responses to requests we did not send on that connection.
+    pub responses_unexpected: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PeerConn {
+    node: NodeId,
+    addr: SocketAddr,
+}
+
+/// Work waiting for a connection to an address.
+#[derive(Clone, Debug, Default)]
+struct PendingDial {
+    requests: Vec<(RequestId, Request)>,
+    opens: BTreeSet<FileId>,
+}
+
+#[derive(Clone, Debug)]
+struct Download {
+    next_provider_lookup: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Purpose {
+    Manifest(FileId),
+    Providers(FileId),
+    Publish,
+    Search,
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The composed node machine (module docs).
+pub struct Node {
+    config: Config,
+    local: Contact,
+    kad: Kademlia,
+    gossip: Gossip,
+    exchange: Exchange,
+    conns: BTreeMap<ConnId, PeerConn>,
+    by_node: BTreeMap<NodeId, ConnId>,
+    dialing: BTreeMap<SocketAddr, PendingDial>,
+    dial_pending: usize,
+    /// Our DHT requests in flight, by the connection they went on.
+    requests: BTreeMap<RequestId, ConnId>,
+    queries: BTreeMap<QueryId, Purpose>,
+    downloads: BTreeMap<FileId, Download>,
+    /// Text of running searches, to merge with the gossip file index.
+    search_text: BTreeMap<QueryId, String>,
+    announced: bool,
+    out: VecDeque<NodeOutput>,
+    counters: NodeCounters,
+}
+
+impl Node {
+    /// A node with identity `local` (its id and listen address); every
+    /// machine's RNG is derived from `seed`.
+    pub fn new(config: Config, local: Contact, seed: [u8; 32], now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        let mut sub_seed = || {
+            let mut s = [0u8; 32];
+            rand::Rng::fill_bytes(&mut rng, &mut s);
+            s
+        };
+        let kad = Kademlia::new(config.kad.clone(), local, sub_seed(), now)?;
+        let mut gossip = Gossip::new(config.gossip.clone(), local.id, sub_seed(), now)?;
+        let exchange = Exchange::new(config.exchange.clone(), sub_seed());
+        for topic in [Topic::Peers, Topic::Files, Topic::Swarm] {
+            gossip.handle_input(now, GossipInput::Subscribe(topic));
+        }
+        let mut node = Self {
+            config,
+            local,
+            kad,
+            gossip,
+            exchange,
+            conns: BTreeMap::new(),
+            by_node: BTreeMap::new(),
+            dialing: BTreeMap::new(),
+            dial_pending: 0,
+            requests: BTreeMap::new(),
+            queries: BTreeMap::new(),
+            downloads: BTreeMap::new(),
+            search_text: BTreeMap::new(),
+            announced: false,
+            out: VecDeque::new(),
+            counters: NodeCounters::default(),
+        };
+        node.drain(now);
+        Ok(node)
+    }
+
+    /// This node's contact.
+    #[must_use]
+    pub fn local(&self) -> Contact {
+        self.local
+    }
+
+    /// The Kademlia machine (read-only: tables, records, counters).
+    #[must_use]
+    pub fn kad(&self) -> &Kademlia {
+        &self.kad
+    }
+
+    /// The gossip machine.
+    #[must_use]
+    pub fn gossip(&self) -> &Gossip {
+        &self.gossip
+    }
+
+    /// The exchange machine.
+    #[must_use]
+    pub fn exchange(&self) -> &Exchange {
+        &self.exchange
+    }
+
+    /// Composition counters.
+    #[must_use]
+    pub fn counters(&self) -> NodeCounters {
+        self.counters
+    }
+
+    /// Open connections.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Next output, until `None`.
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        self.out.pop_front()
+    }
+
+    /// Earliest deadline of any machine.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let downloads = self.downloads.values().filter_map(|d| d.next_provider_lookup);
+        [self.kad.poll_timeout(), self.gossip.poll_timeout(), self.exchange.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .chain(downloads)
+            .min()
+    }
+
+    /// Run due timers of every machine. Tolerates early calls.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.kad.handle_timeout(now);
+        self.gossip.handle_timeout(now);
+        self.exchange.handle_timeout(now);
+        let due: Vec<FileId> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| d.next_provider_lookup.is_some_and(|at| at <= now))
+            .map(|(&f, _)| f)
+            .collect();
+        for file in due {
+            self.find_providers(now, file);
+        }
+        self.drain(now);
+    }
+
+    /// Process one driver input.
+    pub fn handle_input(&mut self, now: Instant, input: NodeInput) {
+        match input {
+            NodeInput::Connected { conn, peer, addr, dialed } => self.on_connected(now, conn, peer, addr, dialed),
+            NodeInput::DialFailed { addr } => {
+                if let Some(pending) = self.dialing.remove(&addr) {
+                    self.dial_pending -= pending.requests.len();
+                    for (id, _) in pending.requests {
+                        self.kad.handle_input(now, KadInput::RequestFailed { id });
+                    }
+                }
+            }
+            NodeInput::Disconnected { conn } => self.on_disconnected(now, conn),
+            NodeInput::Message { conn, message } => self.on_message(now, conn, message),
+            NodeInput::BlockSent { conn, file } => {
+                self.exchange.handle_input(now, ExchangeInput::BlockSent { conn, file });
+            }
+        }
+        self.drain(now);
+    }
+
+    /// Join the network through these addresses.
+    pub fn bootstrap(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        self.kad.bootstrap(now, seeds);
+        self.drain(now);
+    }
+
+    /// Share a file we hold: serve it, publish it in the DHT and on gossip.
+    pub fn share(&mut self, now: Instant, manifest: FileManifest, piece_hashes: Vec<PieceHash>) {
+        let Ok(file) = manifest.validate() else { return };
+        let entry = KeywordEntry { file, name: manifest.name.clone(), size: manifest.size };
+        self.exchange.handle_input(now, ExchangeInput::Seed { manifest: manifest.clone(), piece_hashes });
+        if let Ok(q) = self.kad.put_manifest(now, manifest) {
+            self.queries.insert(q, Purpose::Publish);
+        }
+        self.announce_provider(now, file);
+        self.kad.publish_keywords(now, entry.clone());
+        self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Files, payload: Announcement::File(entry) });
+        self.drain(now);
+    }
+
+    /// Resume a download found in the store at start.
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        manifest: FileManifest,
+        piece_hashes: Option<Vec<PieceHash>>,
+        have: Vec<PieceIndex>,
+    ) {
+        let Ok(file) = manifest.validate() else { return };
+        self.exchange.handle_input(now, ExchangeInput::Download { manifest, piece_hashes, have });
+        self.downloads.insert(file, Download { next_provider_lookup: None });
+        self.find_providers(now, file);
+        self.drain(now);
+    }
+
+    /// Fetch a file by id: find its manifest, then its providers.
+    pub fn get(&mut self, now: Instant, file: FileId) {
+        if self.downloads.contains_key(&file) || self.exchange.progress(&file).is_some() {
+            return;
+        }
+        self.downloads.insert(file, Download { next_provider_lookup: None });
+        let q = self.kad.get_manifest(now, file);
+        self.queries.insert(q, Purpose::Manifest(file));
+        self.drain(now);
+    }
+
+    /// Search for files by name; results come as [`NodeEvent::SearchResults`].
+    pub fn search(&mut self, now: Instant, text: &str) -> QueryId {
+        let q = self.kad.search(now, text);
+        self.queries.insert(q, Purpose::Search);
+        self.search_text.insert(q, text.to_owned());
+        self.drain(now);
+        q
+    }
+
+    /// Stop serving and fetching a file.
+    pub fn remove(&mut self, now: Instant, file: FileId) {
+        self.downloads.remove(&file);
+        self.kad.stop_providing(file);
+        self.kad.unpublish_keywords(file);
+        self.exchange.handle_input(now, ExchangeInput::Remove { file });
+        self.drain(now);
+    }
+
+    /// Fetch pieces from `from` on first, in order (`cat`, Range reads).
+    pub fn stream(&mut self, now: Instant, file: FileId, from: Option<PieceIndex>) {
+        self.exchange.handle_input(now, ExchangeInput::Stream { file, from });
+        self.drain(now);
+    }
+
+    /// Set a download's priority (0 pauses it).
+    pub fn set_priority(&mut self, now: Instant, file: FileId, priority: u8) {
+        self.exchange.handle_input(now, ExchangeInput::Priority { file, priority });
+        self.drain(now);
+    }
+
+    fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId, addr: SocketAddr, dialed: Option<SocketAddr>) {
+        // A repeated report for a known connection only flushes the queue.
+        if let std::collections::btree_map::Entry::Vacant(entry) = self.conns.entry(conn) {
+            entry.insert(PeerConn { node: peer, addr });
+            self.by_node.insert(peer, conn);
+            self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer });
+            self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
+        }
+        for key in [dialed, Some(addr)].into_iter().flatten() {
+            let Some(pending) = self.dialing.remove(&key) else { continue };
+            self.dial_pending -= pending.requests.len();
+            for (id, request) in pending.requests {
+                self.requests.insert(id, conn);
+                self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
+            }
+            for file in pending.opens {
+                self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
+            }
+        }
+    }
+
+    fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
+        let Some(peer) = self.conns.remove(&conn) else { return };
+        if self.by_node.get(&peer.node) == Some(&conn) {
+            self.by_node.remove(&peer.node);
+            // Another connection to the same node may remain.
+            if let Some((&other, _)) = self.conns.iter().find(|(_, p)| p.node == peer.node) {
+                self.by_node.insert(peer.node, other);
+            }
+        }
+        self.gossip.handle_input(now, GossipInput::PeerDisconnected { conn });
+        self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
+        let failed: Vec<RequestId> = self.requests.iter().filter(|(_, c)| **c == conn).map(|(&id, _)| id).collect();
+        for id in failed {
+            self.requests.remove(&id);
+            self.kad.handle_input(now, KadInput::RequestFailed { id });
+        }
+    }
+
+    fn contact(&self, conn: ConnId) -> Option<Contact> {
+        self.conns.get(&conn).map(|p| Contact { id: p.node, addr: p.addr })
+    }
+
+    fn on_message(&mut self, now: Instant, conn: ConnId, message: Message) {
+        let Some(from) = self.contact(conn) else { return };
+        match message {
+            Message::Request { id, body } => {
+                self.kad.handle_input(now, KadInput::Request { from, id, request: body });
+            }
+            Message::Response { id, body } => {
+                if self.requests.get(&id) == Some(&conn) {
+                    self.requests.remove(&id);
+                    self.kad.handle_input(now, KadInput::Response { from, id, response: body });
+                } else {
+                    self.counters.responses_unexpected += 1;
+                }
+            }
+            Message::Gossip(message) => self.gossip.handle_input(now, GossipInput::Message { conn, message }),
+            Message::Exchange(message) => self.exchange.handle_input(now, ExchangeInput::Message { conn, message }),
+            Message::Goodbye { .. } => self.on_disconnected(now, conn),
+            _ => self.counters.frames_unexpected += 1,
+        }
+    }
+
+    /// Send a DHT request to `addr` (and `node`, if known), dialling first
+    /// if no connection is open.
+    fn send_request(&mut self, now: Instant, node: Option<NodeId>, addr: SocketAddr, id: RequestId, request: Request) {
+        let conn = node
+            .and_then(|n| self.by_node.get(&n).copied())
+            .or_else(|| self.conns.iter().find(|(_, p)| p.addr == addr).map(|(&c, _)| c));
+        if let Some(conn) = conn {
+            self.requests.insert(id, conn);
+            self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
+            return;
+        }
+        if self.dial_pending >= self.config.dial_pending_max as usize {
+            self.counters.dial_queue_full += 1;
+            self.kad.handle_input(now, KadInput::RequestFailed { id });
+            return;
+        }
+        self.dial_pending += 1;
+        let pending = self.dialing.entry(addr).or_default();
+        let first = pending.requests.is_empty() && pending.opens.is_empty();
+        pending.requests.push((id, request));
+        if first {
+            self.out.push_back(NodeOutput::Dial { addr });
+        }
+    }
+
+    /// Exchange `file` with `peer`, dialling it if needed.
+    fn open_with(&mut self, now: Instant, peer: Contact, file: FileId) {
+        if peer.id == self.local.id {
+            return;
+        }
+        if let Some(&conn) = self.by_node.get(&peer.id) {
+            self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
+            return;
+        }
+        let pending = self.dialing.entry(peer.addr).or_default();
+        let first = pending.requests.is_empty() && pending.opens.is_empty();
+        pending.opens.insert(file);
+        if first {
+            self.out.push_back(NodeOutput::Dial { addr: peer.addr });
+        }
+    }
+
+    fn find_providers(&mut self, now: Instant, file: FileId) {
+        let Some(download) = self.downloads.get_mut(&file) else { return };
+        download.next_provider_lookup = None;
+        let q = self.kad.get_providers(now, file);
+        self.queries.insert(q, Purpose::Providers(file));
+    }
+
+    fn announce_provider(&mut self, now: Instant, file: FileId) {
+        let q = self.kad.add_provider(now, file);
+        self.queries.insert(q, Purpose::Publish);
+        let payload = Announcement::Swarm { file, node: self.local, seeding: true };
+        self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Swarm, payload });
+    }
+
+    /// Move every machine's output into ours, until all are drained (one
+    /// machine's output can feed another).
+    fn drain(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(output) = self.kad.poll_output() {
+                progressed = true;
+                self.on_kad_output(now, output);
+            }
+            while let Some(output) = self.gossip.poll_output() {
+                progressed = true;
+                match output {
+                    GossipOutput::Send { conn, message } => {
+                        self.out.push_back(NodeOutput::Send { conn, message: Message::Gossip(message) });
+                    }
+                    GossipOutput::Disconnect { conn, reason } => {
+                        self.out.push_back(NodeOutput::Disconnect { conn, reason })
+                    }
+                    GossipOutput::Event(event) => self.on_gossip_event(now, event),
+                }
+            }
+            while let Some(output) = self.exchange.poll_output() {
+                progressed = true;
+                self.on_exchange_output(now, output);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn on_kad_output(&mut self, now: Instant, output: KadOutput) {
+        match output {
+            KadOutput::Send { to, id, request } => self.send_request(now, Some(to.id), to.addr, id, request),
+            KadOutput::SendToAddress { addr, id, request } => self.send_request(now, None, addr, id, request),
+            KadOutput::Respond { to, id, response } => {
+                if let Some(&conn) = self.by_node.get(&to.id) {
+                    self.out.push_back(NodeOutput::Send { conn, message: Message::Response { id, body: response } });
+                }
+            }
+            KadOutput::Event(KadEvent::Bootstrapped { contacts }) => {
+                self.out.push_back(NodeOutput::Event(NodeEvent::Bootstrapped { contacts }));
+                if contacts > 0 && !self.announced {
+                    self.announced = true;
+                    let payload = Announcement::Peer(self.local);
+                    self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Peers, payload });
+                }
+            }
+            KadOutput::Event(KadEvent::QueryFinished { id, stats, result }) => self.on_query(now, id, stats, result),
+        }
+    }
+
+    fn on_query(&mut self, now: Instant, id: QueryId, stats: QueryStats, result: QueryResult) {
+        let Some(purpose) = self.queries.remove(&id) else { return };
+        let kind = match purpose {
+            Purpose::Manifest(_) => LookupKind::Manifest,
+            Purpose::Providers(_) => LookupKind::Providers,
+            Purpose::Publish => LookupKind::Publish,
+            Purpose::Search => LookupKind::Search,
+        };
+        self.out.push_back(NodeOutput::Event(NodeEvent::Lookup { kind, stats }));
+        match (purpose, result) {
+            (Purpose::Manifest(file), QueryResult::GetManifest { manifest: Some(manifest) }) => {
+                self.exchange.handle_input(
+                    now,
+                    ExchangeInput::Download { manifest: manifest.clone(), piece_hashes: None, have: Vec::new() },
+                );
+                self.out.push_back(NodeOutput::Event(NodeEvent::DownloadStarted { file, manifest }));
+                self.find_providers(now, file);
+            }
+            (Purpose::Manifest(file), _) => {
+                self.downloads.remove(&file);
+                self.out.push_back(NodeOutput::Event(NodeEvent::ManifestNotFound { file }));
+            }
+            (Purpose::Providers(file), QueryResult::GetProviders { providers }) => {
+                for provider in providers.into_iter().take(self.config.providers_per_lookup_max as usize) {
+                    self.open_with(now, provider, file);
+                }
+                // Look again later while the swarm is thin.
+                let thin = self.exchange.peer_count(&file) < self.config.download_peers_target as usize;
+                if let Some(download) = self.downloads.get_mut(&file)
+                    && thin
+                {
+                    download.next_provider_lookup = Some(now + self.config.provider_refresh_interval);
+                }
+            }
+            (Purpose::Search, QueryResult::Search { entries }) => {
+                let text = self.search_text.remove(&id).unwrap_or_default();
+                let mut merged: BTreeMap<FileId, KeywordEntry> = entries.into_iter().map(|e| (e.file, e)).collect();
+                for entry in self.gossip.search(&text) {
+                    merged.entry(entry.file).or_insert(entry);
+                }
+                let entries = merged.into_values().collect();
+                self.out.push_back(NodeOutput::Event(NodeEvent::SearchResults { id, entries }));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip_event(&mut self, now: Instant, event: GossipEvent) {
+        if let GossipEvent::Delivered { payload: Announcement::Swarm { file, node, seeding: true }, .. } = &event
+            && self.downloads.contains_key(file)
+        {
+            // A new source for a file we fetch (DESIGN: swarm notices).
+            self.open_with(now, *node, *file);
+        }
+        self.out.push_back(NodeOutput::Event(NodeEvent::Gossip(event)));
+    }
+
+    fn on_exchange_output(&mut self, now: Instant, output: ExchangeOutput) {
+        let out = match output {
+            ExchangeOutput::Send { conn, message } => NodeOutput::Send { conn, message: Message::Exchange(message) },
+            ExchangeOutput::ServeBlock { conn, file, piece, offset, length } => {
+                NodeOutput::ServeBlock { conn, file, piece, offset, length }
+            }
+            ExchangeOutput::StorePiece { file, piece, data } => NodeOutput::StorePiece { file, piece, data },
+            ExchangeOutput::Disconnect { conn, reason } => NodeOutput::Disconnect { conn, reason },
+            ExchangeOutput::Event(event) => {
+                if let ExchangeEvent::DownloadComplete { file } = &event
+                    && self.downloads.remove(file).is_some()
+                {
+                    self.announce_provider(now, *file);
+                }
+                NodeOutput::Event(NodeEvent::Exchange(event))
+            }
+        };
+        self.out.push_back(out);
+    }
+}
