@@ -416,23 +416,11 @@ impl MerkleTree {
         }
     }
 
-    /// The inclusion proof of piece `index`, or `None` past the end.
+    /// The inclusion proof of piece `index`, or `None` past the end: the
+    /// range proof of a batch of one.
     #[must_use]
     pub fn proof(&self, index: PieceIndex) -> Option<MerkleProof> {
-        let leaves = self.levels.first()?;
-        let mut i = index.0 as usize;
-        if i >= leaves.len() {
-            return None;
-        }
-        let mut siblings = Vec::new();
-        for level in &self.levels[..self.levels.len() - 1] {
-            let sibling = i ^ 1;
-            if sibling < level.len() {
-                siblings.push(level[sibling]);
-            }
-            i /= 2;
-        }
-        Some(MerkleProof { siblings })
+        self.range_proof(index, 1)
     }
 }
 
@@ -500,7 +488,7 @@ pub fn verify_range(
         } else if i + 1 < width {
             let Some(right) = siblings.next() else { return false };
             node = inner_hash(&node, right);
-        }
+        } // else: odd last node, promoted unchanged.
         i /= 2;
         width = width.div_ceil(2);
     }
@@ -511,7 +499,8 @@ pub fn verify_range(
 pub const PROOF_SIBLINGS_MAX: usize = 32;
 
 /// Check that `piece_hash` is leaf `index` of a tree over `piece_count`
-/// leaves with the given root. Never panics on any input.
+/// leaves with the given root: a range proof of a batch of one. Never
+/// panics on any input.
 #[must_use]
 pub fn verify_proof(
     root: &MerkleRoot,
@@ -520,25 +509,7 @@ pub fn verify_proof(
     piece_hash: &PieceHash,
     proof: &MerkleProof,
 ) -> bool {
-    if index.0 >= piece_count || proof.siblings.len() > PROOF_SIBLINGS_MAX {
-        return false;
-    }
-    let mut node = leaf_hash(piece_hash);
-    let mut i = u64::from(index.0);
-    let mut width = u64::from(piece_count);
-    let mut siblings = proof.siblings.iter();
-    while width > 1 {
-        if i % 2 == 1 {
-            let Some(left) = siblings.next() else { return false };
-            node = inner_hash(left, &node);
-        } else if i + 1 < width {
-            let Some(right) = siblings.next() else { return false };
-            node = inner_hash(&node, right);
-        } // else: odd last node, promoted unchanged.
-        i /= 2;
-        width = width.div_ceil(2);
-    }
-    siblings.next().is_none() && node == root.0
+    verify_range(root, piece_count, index, 1, std::slice::from_ref(piece_hash), proof)
 }
 
 #[cfg(test)]

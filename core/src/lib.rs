@@ -10,8 +10,8 @@
 //! - bytes from peers are untrusted: every decode and validation failure is
 //!   an `Err`, never a panic. Broken internal invariants are `assert!`s.
 //!
-//! `core/clippy.toml` turns clock reads, `thread_rng`, `thread::spawn` and
-//! randomly-hashed maps into build errors.
+//! `core/clippy.toml` turns clock reads, unseeded randomness, thread spawns
+//! and randomly-hashed maps into build errors.
 #![deny(missing_docs)]
 
 pub mod config;

@@ -27,13 +27,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
-use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
 use crate::config::{Config, ConfigError};
 use crate::content::PieceHash;
-use crate::exchange::{Exchange, ExchangeEvent, ExchangeInput, ExchangeOutput};
+use crate::exchange::{Exchange, ExchangeEvent, ExchangeInput, ExchangeOutput, ServeBlock, StorePiece};
 use crate::gossip::{Gossip, GossipEvent, GossipInput, GossipOutput};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
@@ -102,27 +101,9 @@ pub enum NodeOutput {
         message: Message,
     },
     /// Read a block from the store and send it (then report `BlockSent`).
-    ServeBlock {
-        /// To this connection.
-        conn: ConnId,
-        /// The file.
-        file: FileId,
-        /// The piece.
-        piece: PieceIndex,
-        /// Offset in the piece.
-        offset: u32,
-        /// Length.
-        length: u32,
-    },
+    ServeBlock(ServeBlock),
     /// Write a verified piece to the store.
-    StorePiece {
-        /// The file.
-        file: FileId,
-        /// The piece.
-        piece: PieceIndex,
-        /// Its bytes.
-        data: Bytes,
-    },
+    StorePiece(StorePiece),
     /// Close a connection, telling the peer why.
     Disconnect {
         /// The connection.
@@ -690,10 +671,8 @@ impl Node {
     fn on_exchange_output(&mut self, now: Instant, output: ExchangeOutput) {
         let out = match output {
             ExchangeOutput::Send { conn, message } => NodeOutput::Send { conn, message: Message::Exchange(message) },
-            ExchangeOutput::ServeBlock { conn, file, piece, offset, length } => {
-                NodeOutput::ServeBlock { conn, file, piece, offset, length }
-            }
-            ExchangeOutput::StorePiece { file, piece, data } => NodeOutput::StorePiece { file, piece, data },
+            ExchangeOutput::ServeBlock(serve) => NodeOutput::ServeBlock(serve),
+            ExchangeOutput::StorePiece(store) => NodeOutput::StorePiece(store),
             ExchangeOutput::Disconnect { conn, reason } => NodeOutput::Disconnect { conn, reason },
             ExchangeOutput::Event(event) => {
                 if let ExchangeEvent::DownloadComplete { file } = &event

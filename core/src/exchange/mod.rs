@@ -144,27 +144,9 @@ pub enum ExchangeOutput {
     },
     /// Read a block from the store and send it as
     /// [`ExchangeMessage::Block`]; answer with [`ExchangeInput::BlockSent`].
-    ServeBlock {
-        /// To this connection.
-        conn: ConnId,
-        /// The file.
-        file: FileId,
-        /// The piece.
-        piece: PieceIndex,
-        /// Byte offset in the piece.
-        offset: u32,
-        /// Length.
-        length: u32,
-    },
+    ServeBlock(ServeBlock),
     /// Write a verified piece to the store.
-    StorePiece {
-        /// The file.
-        file: FileId,
-        /// The piece.
-        piece: PieceIndex,
-        /// Its bytes, hash-checked.
-        data: Bytes,
-    },
+    StorePiece(StorePiece),
     /// Close a connection.
     Disconnect {
         /// The connection.
@@ -174,6 +156,32 @@ pub enum ExchangeOutput {
     },
     /// Something the node or the simulator may want to know.
     Event(ExchangeEvent),
+}
+
+/// A block the driver must read from the store and send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeBlock {
+    /// To this connection.
+    pub conn: ConnId,
+    /// The file.
+    pub file: FileId,
+    /// The piece.
+    pub piece: PieceIndex,
+    /// Byte offset in the piece.
+    pub offset: u32,
+    /// Length.
+    pub length: u32,
+}
+
+/// A verified piece the driver must write to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorePiece {
+    /// The file.
+    pub file: FileId,
+    /// The piece.
+    pub piece: PieceIndex,
+    /// Its bytes, hash-checked.
+    pub data: Bytes,
 }
 
 /// Why a peer's message was a protocol violation.

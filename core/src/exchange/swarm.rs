@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
-use super::{ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, Violation};
+use super::{ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, ServeBlock, StorePiece, Violation};
 use crate::content::{BLOCK_BYTES, Layout, MerkleProof, MerkleRoot, MerkleTree, PieceHash, hash_piece, verify_range};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::scheduler::{BlockError, BlockRef, Download, PeerSlot};
@@ -680,7 +680,7 @@ impl Swarm {
         session.queued_serves += 1;
         session.uploaded_bytes += u64::from(length);
         stats.blocks_served += 1;
-        out.push_back(ExchangeOutput::ServeBlock { conn: session.conn, file, piece, offset, length });
+        out.push_back(ExchangeOutput::ServeBlock(ServeBlock { conn: session.conn, file, piece, offset, length }));
         Ok(After::Nothing)
     }
 
@@ -747,7 +747,7 @@ impl Swarm {
             stats.pieces_verified += 1;
             download.piece_passed(piece);
             let complete = download.is_complete();
-            out.push_back(ExchangeOutput::StorePiece { file, piece, data: Bytes::from(buffer) });
+            out.push_back(ExchangeOutput::StorePiece(StorePiece { file, piece, data: Bytes::from(buffer) }));
             out.push_back(ExchangeOutput::Event(ExchangeEvent::PieceVerified { file, piece }));
             self.set_have(piece);
             for index in 0..self.sessions.len() {

@@ -47,7 +47,7 @@ impl Peer {
                     }
                     self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)));
                 }
-                ExchangeOutput::ServeBlock { conn, file, piece, offset, length } => {
+                ExchangeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                     self.served.push((piece, offset));
                     let data = self.pieces[piece.0 as usize].as_ref().expect("served pieces are stored");
                     let mut block = data.slice(offset as usize..(offset + length) as usize);
@@ -58,7 +58,7 @@ impl Peer {
                     self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)));
                     self.exchange.handle_input(now, ExchangeInput::BlockSent { conn, file });
                 }
-                ExchangeOutput::StorePiece { piece, data, .. } => {
+                ExchangeOutput::StorePiece(StorePiece { piece, data, .. }) => {
                     assert_eq!(data.len() as u32, self.layout.piece_len(piece));
                     self.pieces[piece.0 as usize] = Some(data);
                 }

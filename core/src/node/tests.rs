@@ -68,7 +68,7 @@ impl Host {
                     }
                 }
                 NodeOutput::Send { conn, message } => self.outbox.push_back((conn.0 as usize, Wire::Frame(message))),
-                NodeOutput::ServeBlock { conn, file, piece, offset, length } => {
+                NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                     let data = self.pieces[&file][piece.0 as usize].as_ref().expect("served pieces are held");
                     let block = data.slice(offset as usize..(offset + length) as usize);
                     let message =
@@ -76,7 +76,7 @@ impl Host {
                     self.outbox.push_back((conn.0 as usize, Wire::Frame(message)));
                     self.node.handle_input(now, NodeInput::BlockSent { conn, file });
                 }
-                NodeOutput::StorePiece { file, piece, data } => {
+                NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                     if let Some(pieces) = self.pieces.get_mut(&file) {
                         pieces[piece.0 as usize] = Some(data);
                     }
