@@ -6,6 +6,7 @@
 
 pub use shoal_core as core;
 
+pub mod driver;
 pub mod framing;
 pub mod handshake;
 pub mod identity;

@@ -1,0 +1,534 @@
+//! THE driver: runs the core [`Node`] machine over a [`Transport`] with a
+//! [`Store`]. The `shoal` daemon runs it over tokio TCP and a disk store;
+//! the simulator runs the very same code over turmoil with a memory store
+//! (DESIGN.md: a second, sim-only driver is a defect).
+//!
+//! Tasks and channels, all bounded:
+//! - the **loop** owns the node and the store: one mutation (a network
+//!   event, a command or the timer), then a full drain of `poll_output`,
+//!   then the timer is re-armed from `poll_timeout`;
+//! - an **accept** task and one **dial** task per outbound attempt run the
+//!   handshake ([`crate::handshake`]) under `handshake_timeout`;
+//! - each connection has a **reader** (frames into the loop's queue,
+//!   `idle_timeout` without a frame closes it, so a silently partitioned
+//!   link does not hang) and a **writer** (frames from its own queue, a
+//!   keepalive every `keepalive_interval` when idle, the upload limit).
+//!   A peer whose queue is full is too slow and is disconnected.
+//!
+//! Time comes only from `tokio::time` (virtual under turmoil); randomness
+//! (handshake nonces) from a seeded ChaCha RNG; every `select!` is
+//! `biased;` so runs replay.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+use shoal_core::exchange::{ServeBlock, StorePiece};
+use shoal_core::ids::{ConnId, FileId};
+use shoal_core::manifest::FileManifest;
+use shoal_core::node::{Node, NodeEvent, NodeInput, NodeOutput};
+use shoal_core::time::Instant;
+use shoal_core::wire::{ExchangeMessage, GoodbyeReason, Message};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::framing::{FrameReader, write_frame};
+use crate::handshake::{self, HandshakeError, PeerInfo};
+use crate::identity::Identity;
+use crate::ratelimit::TokenBucket;
+use crate::store::Store;
+use crate::transport::{Listener, Transport};
+
+/// Driver limits and timings.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The address announced to peers (default: the bound address).
+    pub advertise: Option<SocketAddr>,
+    /// Largest frame (as the core's `frame_bytes_max`).
+    pub frame_bytes_max: u32,
+    /// Connections open or being opened at once.
+    pub connections_max: usize,
+    /// Time for a TCP connect.
+    pub dial_timeout: Duration,
+    /// Time for the whole handshake.
+    pub handshake_timeout: Duration,
+    /// A writer sends a keepalive after this long without a frame.
+    pub keepalive_interval: Duration,
+    /// A reader closes the connection after this long without a frame
+    /// (three keepalives lost).
+    pub idle_timeout: Duration,
+    /// Frames queued for one connection's writer; a full queue means the
+    /// peer is too slow and it is disconnected.
+    pub conn_queue_frames_max: usize,
+    /// Frames from all connections queued for the loop (backpressure:
+    /// readers wait).
+    pub inbound_queue_frames_max: usize,
+    /// Upload limit, bytes per second.
+    pub max_upload_bytes_per_s: Option<u64>,
+    /// Download limit, bytes per second.
+    pub max_download_bytes_per_s: Option<u64>,
+}
+
+impl DriverConfig {
+    /// Defaults for a daemon listening on `listen`.
+    #[must_use]
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            advertise: None,
+            frame_bytes_max: 256 * 1024,
+            connections_max: 256,
+            dial_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            conn_queue_frames_max: 1024,
+            inbound_queue_frames_max: 4096,
+            max_upload_bytes_per_s: None,
+            max_download_bytes_per_s: None,
+        }
+    }
+}
+
+/// Why the driver stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// What a user (CLI, API, simulator) asks of a running node.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command {
+    /// Join the network.
+    Bootstrap(Vec<SocketAddr>),
+    /// Share a file already in the store.
+    Share {
+        /// The file.
+        file: FileId,
+    },
+    /// Fetch a file by id.
+    Get {
+        /// The file.
+        file: FileId,
+    },
+    /// Search by name (results arrive as events).
+    Search {
+        /// The words.
+        text: String,
+    },
+    /// Stop the driver.
+    Shutdown,
+}
+
+/// Called with every node event and the time it happened.
+pub type Observer = Box<dyn FnMut(Instant, &NodeEvent) + Send>;
+
+/// Counters of the driver (metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverCounters {
+    /// Connections refused at `connections_max`.
+    pub connections_refused: u64,
+    /// Handshakes that failed.
+    pub handshakes_failed: u64,
+    /// Peers disconnected because their queue was full.
+    pub slow_peers: u64,
+    /// Store operations that failed.
+    pub store_errors: u64,
+}
+
+enum NetEvent {
+    Connected {
+        conn: ConnId,
+        peer: PeerInfo,
+        remote: SocketAddr,
+        dialed: Option<SocketAddr>,
+        writer: mpsc::Sender<Message>,
+    },
+    DialFailed {
+        addr: SocketAddr,
+    },
+    Frame {
+        conn: ConnId,
+        message: Message,
+    },
+    Closed {
+        conn: ConnId,
+    },
+}
+
+/// Shared by the loop and the connection tasks.
+struct Shared<T> {
+    transport: T,
+    identity: Identity,
+    config: DriverConfig,
+    advertise: SocketAddr,
+    epoch: tokio::time::Instant,
+    next_conn: AtomicU64,
+    net: mpsc::Sender<NetEvent>,
+    upload: Mutex<TokenBucket>,
+    download: Mutex<TokenBucket>,
+}
+
+/// A bound, not yet running driver.
+pub struct Driver<T: Transport> {
+    shared: Arc<Shared<T>>,
+    listener: T::Listener,
+    net_rx: mpsc::Receiver<NetEvent>,
+}
+
+fn since(epoch: tokio::time::Instant) -> Instant {
+    Instant::from_duration(tokio::time::Instant::now().saturating_duration_since(epoch))
+}
+
+impl<T: Transport> Driver<T> {
+    /// Bind the listen address. Build the [`Node`] with [`Self::local_addr`]
+    /// and [`Self::now`], then [`Self::run`] it.
+    pub async fn bind(transport: T, identity: Identity, config: DriverConfig) -> Result<Self, DriverError> {
+        let listener =
+            transport.bind(config.listen).await.map_err(|source| DriverError::Bind { addr: config.listen, source })?;
+        let bound = listener.local_addr().map_err(|source| DriverError::Bind { addr: config.listen, source })?;
+        let advertise = config.advertise.unwrap_or(bound);
+        let (net, net_rx) = mpsc::channel(config.inbound_queue_frames_max);
+        let epoch = tokio::time::Instant::now();
+        let burst = 4 * 16 * 1024;
+        let shared = Arc::new(Shared {
+            upload: Mutex::new(TokenBucket::new(config.max_upload_bytes_per_s, burst, Duration::ZERO)),
+            download: Mutex::new(TokenBucket::new(config.max_download_bytes_per_s, burst, Duration::ZERO)),
+            transport,
+            identity,
+            config,
+            advertise,
+            epoch,
+            next_conn: AtomicU64::new(1),
+            net,
+        });
+        Ok(Self { shared, listener, net_rx })
+    }
+
+    /// The address peers reach us at.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.advertise
+    }
+
+    /// The driver's clock, in the core's time.
+    #[must_use]
+    pub fn now(&self) -> Instant {
+        since(self.shared.epoch)
+    }
+
+    /// Run until [`Command::Shutdown`] or the command channel closes, then
+    /// hand back the store. Randomness (handshake nonces) comes from `seed`
+    /// only.
+    pub async fn run<S: Store>(
+        self,
+        mut node: Node,
+        mut store: S,
+        mut commands: mpsc::Receiver<Command>,
+        mut observer: Option<Observer>,
+        seed: [u8; 32],
+    ) -> (DriverCounters, S) {
+        let Driver { shared, listener, mut net_rx } = self;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        let accept = spawn_accept(shared.clone(), listener, rng.random());
+        let mut conns: BTreeMap<ConnId, mpsc::Sender<Message>> = BTreeMap::new();
+        let mut dialing = 0usize;
+        let mut counters = DriverCounters::default();
+        loop {
+            let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                Some(event) = net_rx.recv() => {
+                    let now = since(shared.epoch);
+                    match event {
+                        NetEvent::Connected { conn, peer, remote, dialed, writer } => {
+                            if dialed.is_some() {
+                                dialing = dialing.saturating_sub(1);
+                            }
+                            if conns.len() >= shared.config.connections_max {
+                                counters.connections_refused += 1;
+                                let _ = writer.try_send(Message::Goodbye { reason: GoodbyeReason::TooManyConnections });
+                                continue;
+                            }
+                            conns.insert(conn, writer);
+                            let addr = peer.listen_addr.unwrap_or(remote);
+                            node.handle_input(now, NodeInput::Connected { conn, peer: peer.node, addr, dialed });
+                        }
+                        NetEvent::DialFailed { addr } => {
+                            dialing = dialing.saturating_sub(1);
+                            counters.handshakes_failed += 1;
+                            node.handle_input(now, NodeInput::DialFailed { addr });
+                        }
+                        NetEvent::Frame { conn, message } => {
+                            if conns.contains_key(&conn) {
+                                node.handle_input(now, NodeInput::Message { conn, message });
+                            }
+                        }
+                        NetEvent::Closed { conn } => {
+                            if conns.remove(&conn).is_some() {
+                                node.handle_input(now, NodeInput::Disconnected { conn });
+                            }
+                        }
+                    }
+                }
+                command = commands.recv() => {
+                    let now = since(shared.epoch);
+                    match command {
+                        None | Some(Command::Shutdown) => break,
+                        Some(Command::Bootstrap(seeds)) => node.bootstrap(now, &seeds),
+                        Some(Command::Share { file }) => {
+                            let manifest = store.manifest(&file).cloned();
+                            let hashes = store.piece_hashes(&file).map(<[_]>::to_vec);
+                            if let (Some(manifest), Some(hashes)) = (manifest, hashes) {
+                                node.share(now, manifest, hashes);
+                            }
+                        }
+                        Some(Command::Get { file }) => node.get(now, file),
+                        Some(Command::Search { text }) => {
+                            node.search(now, &text);
+                        }
+                    }
+                }
+                () = sleep => node.handle_timeout(since(shared.epoch)),
+            }
+            // Drain: one mutation, then every output.
+            while let Some(output) = node.poll_output() {
+                let now = since(shared.epoch);
+                match output {
+                    NodeOutput::Dial { addr } => {
+                        if conns.len() + dialing >= shared.config.connections_max {
+                            counters.connections_refused += 1;
+                            node.handle_input(now, NodeInput::DialFailed { addr });
+                        } else {
+                            dialing += 1;
+                            spawn_dial(shared.clone(), addr, rng.random());
+                        }
+                    }
+                    NodeOutput::Send { conn, message } => {
+                        send(&mut conns, &mut node, &mut counters, now, conn, message);
+                    }
+                    NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
+                        match store.read_block(&file, piece, offset, length) {
+                            Ok(data) => {
+                                let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
+                                send(&mut conns, &mut node, &mut counters, now, conn, message);
+                            }
+                            Err(_) => counters.store_errors += 1,
+                        }
+                        node.handle_input(now, NodeInput::BlockSent { conn, file });
+                    }
+                    NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
+                        counters.store_errors += u64::from(store.write_piece(&file, piece, data).is_err());
+                    }
+                    NodeOutput::Disconnect { conn, reason } => {
+                        if let Some(writer) = conns.remove(&conn) {
+                            let _ = writer.try_send(Message::Goodbye { reason });
+                            node.handle_input(now, NodeInput::Disconnected { conn });
+                        }
+                    }
+                    NodeOutput::Event(event) => {
+                        if let NodeEvent::DownloadStarted { manifest, .. } = &event {
+                            create_download(&mut store, manifest, &mut counters);
+                        }
+                        if let Some(observe) = observer.as_mut() {
+                            observe(now, &event);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        accept.abort();
+        (counters, store)
+    }
+}
+
+/// Prepare the store for a download the node started. Manifests that did
+/// not carry their piece hashes are not supported by the store yet.
+fn create_download<S: Store>(store: &mut S, manifest: &FileManifest, counters: &mut DriverCounters) {
+    let Some(hashes) = manifest.piece_hashes.as_deref() else {
+        counters.store_errors += 1;
+        return;
+    };
+    if store.create(manifest, hashes).is_err() {
+        counters.store_errors += 1;
+    }
+}
+
+/// Queue a frame for a connection's writer; a full queue disconnects it.
+fn send(
+    conns: &mut BTreeMap<ConnId, mpsc::Sender<Message>>,
+    node: &mut Node,
+    counters: &mut DriverCounters,
+    now: Instant,
+    conn: ConnId,
+    message: Message,
+) {
+    let Some(writer) = conns.get(&conn) else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = writer.try_send(message) {
+        counters.slow_peers += 1;
+        conns.remove(&conn);
+        node.handle_input(now, NodeInput::Disconnected { conn });
+    }
+}
+
+fn spawn_accept<T: Transport>(shared: Arc<Shared<T>>, mut listener: T::Listener, seed: [u8; 32]) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        loop {
+            let Ok((stream, remote)) = listener.accept().await else {
+                // Out of descriptors and the like: back off, do not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let nonce: [u8; 32] = rng.random();
+            tokio::spawn(connection(shared.clone(), stream, remote, None, nonce));
+        }
+    })
+}
+
+fn spawn_dial<T: Transport>(shared: Arc<Shared<T>>, addr: SocketAddr, nonce: [u8; 32]) {
+    tokio::spawn(async move {
+        match tokio::time::timeout(shared.config.dial_timeout, shared.transport.connect(addr)).await {
+            Ok(Ok(stream)) => connection(shared, stream, addr, Some(addr), nonce).await,
+            _ => {
+                let _ = shared.net.send(NetEvent::DialFailed { addr }).await;
+            }
+        }
+    });
+}
+
+/// Handshake, then pump frames both ways until either side stops.
+async fn connection<T: Transport>(
+    shared: Arc<Shared<T>>,
+    stream: T::Stream,
+    remote: SocketAddr,
+    dialed: Option<SocketAddr>,
+    nonce: [u8; 32],
+) {
+    let (reader, mut writer) = T::split(stream);
+    let max = shared.config.frame_bytes_max;
+    let mut reader = FrameReader::new(reader, max);
+    let handshake = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        handshake(&shared.identity, shared.advertise, nonce, &mut reader, &mut writer, max),
+    )
+    .await;
+    let peer = match handshake {
+        Ok(Ok(peer)) => peer,
+        _ => {
+            if let Some(addr) = dialed {
+                let _ = shared.net.send(NetEvent::DialFailed { addr }).await;
+            }
+            return;
+        }
+    };
+    let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::channel(shared.config.conn_queue_frames_max);
+    if shared.net.send(NetEvent::Connected { conn, peer, remote, dialed, writer: tx }).await.is_err() {
+        return; // the driver stopped
+    }
+    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
+    // Idle too long, closed, or a bad frame: the connection ends.
+    while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
+        let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
+        let wait = shared.download.lock().await.take(bytes as u64, now);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        match message {
+            Message::Keepalive => {}
+            Message::Goodbye { .. } => break,
+            message => {
+                if shared.net.send(NetEvent::Frame { conn, message }).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = shared.net.send(NetEvent::Closed { conn }).await;
+    writing.abort();
+}
+
+async fn handshake<R, W>(
+    identity: &Identity,
+    advertise: SocketAddr,
+    nonce: [u8; 32],
+    reader: &mut FrameReader<R>,
+    writer: &mut W,
+    max: u32,
+) -> Result<PeerInfo, HandshakeError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let ours = handshake::hello(identity, Some(advertise), nonce);
+    let io = |_| HandshakeError::Interrupted("connection failed");
+    write_frame(writer, &Message::Hello(ours.clone()), max).await.map_err(|_| HandshakeError::Interrupted("write"))?;
+    let Some((Message::Hello(theirs), _)) = reader.next().await.map_err(io)? else {
+        return Err(HandshakeError::Interrupted("expected hello"));
+    };
+    let proof = handshake::proof(identity, &theirs);
+    let proof = match proof {
+        Ok(proof) => proof,
+        Err(error) => {
+            let reason = match error {
+                HandshakeError::VersionMismatch { .. } => GoodbyeReason::VersionMismatch,
+                _ => GoodbyeReason::ProtocolViolation,
+            };
+            let _ = write_frame(writer, &Message::Goodbye { reason }, max).await;
+            return Err(error);
+        }
+    };
+    write_frame(writer, &Message::HelloProof(proof), max).await.map_err(|_| HandshakeError::Interrupted("write"))?;
+    let Some((Message::HelloProof(their_proof), _)) = reader.next().await.map_err(io)? else {
+        return Err(HandshakeError::Interrupted("expected proof"));
+    };
+    handshake::verify_peer(identity, &ours, &theirs, &their_proof)
+}
+
+async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer, mut rx: mpsc::Receiver<Message>) {
+    let max = shared.config.frame_bytes_max;
+    loop {
+        let message = tokio::select! {
+            biased;
+            message = rx.recv() => match message {
+                Some(message) => message,
+                None => break, // the loop dropped us
+            },
+            () = tokio::time::sleep(shared.config.keepalive_interval) => Message::Keepalive,
+        };
+        let goodbye = matches!(message, Message::Goodbye { .. });
+        let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
+        let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
+        let wait = shared.upload.lock().await.take(bytes as u64, now);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if goodbye {
+            break;
+        }
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+}
