@@ -14,9 +14,10 @@
 //!   add a provider record, publish its name's keywords, announce it on
 //!   gossip (Files and Swarm topics);
 //! - **get**: find the manifest by `FileId` (validated), start the
-//!   download, find providers (plus gossip swarm notices), connect and open
-//!   exchange sessions; providers are looked up again while the download
-//!   has few peers; when complete, the node becomes a provider itself;
+//!   download and join the swarm at once (provider record and swarm notice,
+//!   as a BitTorrent tracker lists leechers), find providers (plus gossip
+//!   swarm notices), connect and open exchange sessions; providers are
+//!   looked up again while the download has few peers;
 //! - **search**: the DHT keyword lookup, merged with the local index of
 //!   gossip file announcements.
 //!
@@ -377,7 +378,7 @@ impl Node {
         if let Ok(q) = self.kad.put_manifest(now, manifest) {
             self.queries.insert(q, Purpose::Publish);
         }
-        self.announce_provider(now, file);
+        self.announce_provider(now, file, true);
         self.kad.publish_keywords(now, entry.clone());
         self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Files, payload: Announcement::File(entry) });
         self.drain(now);
@@ -552,10 +553,11 @@ impl Node {
         self.queries.insert(q, Purpose::Providers(file));
     }
 
-    fn announce_provider(&mut self, now: Instant, file: FileId) {
+    /// Tell the DHT and the Swarm topic that we hold (part of) `file`.
+    fn announce_provider(&mut self, now: Instant, file: FileId, seeding: bool) {
         let q = self.kad.add_provider(now, file);
         self.queries.insert(q, Purpose::Publish);
-        let payload = Announcement::Swarm { file, node: self.local, seeding: true };
+        let payload = Announcement::Swarm { file, node: self.local, seeding };
         self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Swarm, payload });
     }
 
@@ -627,6 +629,10 @@ impl Node {
                     ExchangeInput::Download { manifest: manifest.clone(), piece_hashes: None, have: Vec::new() },
                 );
                 self.out.push_back(NodeOutput::Event(NodeEvent::DownloadStarted { file, manifest }));
+                // Join the swarm at once, as BitTorrent trackers list
+                // leechers: partial holders trade with each other long
+                // before anyone completes.
+                self.announce_provider(now, file, false);
                 self.find_providers(now, file);
             }
             (Purpose::Manifest(file), _) => {
@@ -659,10 +665,11 @@ impl Node {
     }
 
     fn on_gossip_event(&mut self, now: Instant, event: GossipEvent) {
-        if let GossipEvent::Delivered { payload: Announcement::Swarm { file, node, seeding: true }, .. } = &event
-            && self.downloads.contains_key(file)
+        if let GossipEvent::Delivered { payload: Announcement::Swarm { file, node, seeding }, .. } = &event
+            && (self.downloads.contains_key(file) || (!seeding && self.exchange.is_complete(file)))
         {
-            // A new source for a file we fetch (DESIGN: swarm notices).
+            // A new swarm member for a file we fetch or serve (DESIGN:
+            // swarm notices): sources for us, or a leecher we can feed.
             self.open_with(now, *node, *file);
         }
         self.out.push_back(NodeOutput::Event(NodeEvent::Gossip(event)));
@@ -678,7 +685,8 @@ impl Node {
                 if let ExchangeEvent::DownloadComplete { file } = &event
                     && self.downloads.remove(file).is_some()
                 {
-                    self.announce_provider(now, *file);
+                    // Now a seed: refresh the record, tell the swarm.
+                    self.announce_provider(now, *file, true);
                 }
                 NodeOutput::Event(NodeEvent::Exchange(event))
             }
