@@ -28,8 +28,8 @@ pub struct Config {
     pub dial_pending_max: u32,
     /// Providers a download connects to from one provider lookup.
     pub providers_per_lookup_max: u32,
-    /// A download with fewer peers than this looks for providers again
-    /// every `provider_refresh_interval`.
+    /// Every `provider_refresh_interval`, a running download with fewer
+    /// peers than this looks for providers again.
     pub download_peers_target: u32,
     /// See `download_peers_target`.
     pub provider_refresh_interval: Duration,

@@ -338,7 +338,13 @@ impl Node {
             .map(|(&f, _)| f)
             .collect();
         for file in due {
-            self.find_providers(now, file);
+            // Checked when the timer fires, not when it was set: peers come
+            // and go (a partition closes every link) while a download runs.
+            if self.exchange.peer_count(&file) < self.config.download_peers_target as usize {
+                self.find_providers(now, file);
+            } else if let Some(download) = self.downloads.get_mut(&file) {
+                download.next_provider_lookup = Some(now + self.config.provider_refresh_interval);
+            }
         }
         self.drain(now);
     }
@@ -643,11 +649,8 @@ impl Node {
                 for provider in providers.into_iter().take(self.config.providers_per_lookup_max as usize) {
                     self.open_with(now, provider, file);
                 }
-                // Look again later while the swarm is thin.
-                let thin = self.exchange.peer_count(&file) < self.config.download_peers_target as usize;
-                if let Some(download) = self.downloads.get_mut(&file)
-                    && thin
-                {
+                // Check again later, for as long as the download runs.
+                if let Some(download) = self.downloads.get_mut(&file) {
                     download.next_provider_lookup = Some(now + self.config.provider_refresh_interval);
                 }
             }

@@ -52,7 +52,69 @@ pub struct FlashCrowd {
     pub get_at: Duration,
     /// Simulated time limit.
     pub deadline: Duration,
+    /// Hosts that serve every block corrupted (they download normally).
+    pub corrupt: Vec<usize>,
+    /// Cut these hosts off from the others for a while.
+    pub partition: Option<Partition>,
 }
+
+/// A group of hosts cut off from the rest during `[from, until)`.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    /// The hosts on one side.
+    pub group: Vec<usize>,
+    /// When the split happens.
+    pub from: Duration,
+    /// When it heals.
+    pub until: Duration,
+}
+
+/// A store whose blocks are served with every byte flipped: the
+/// misbehaving host class. What it stores for itself is intact.
+pub struct CorruptingStore<S>(pub S);
+
+impl<S: Store> Store for CorruptingStore<S> {
+    type SharedSource = S::SharedSource;
+    fn create(
+        &mut self,
+        manifest: &FileManifest,
+        hashes: &[shoal_node::core::content::PieceHash],
+    ) -> StoreResult<FileId> {
+        self.0.create(manifest, hashes)
+    }
+    fn add_shared(
+        &mut self,
+        source: Self::SharedSource,
+        manifest: &FileManifest,
+        hashes: &[shoal_node::core::content::PieceHash],
+    ) -> StoreResult<FileId> {
+        self.0.add_shared(source, manifest, hashes)
+    }
+    fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> StoreResult<()> {
+        self.0.write_piece(file, piece, data)
+    }
+    fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> StoreResult<Bytes> {
+        let block = self.0.read_block(file, piece, offset, length)?;
+        Ok(block.iter().map(|b| !b).collect::<Vec<u8>>().into())
+    }
+    fn held(&self, file: &FileId) -> StoreResult<shoal_node::store::HeldPieces> {
+        self.0.held(file)
+    }
+    fn manifest(&self, file: &FileId) -> Option<&FileManifest> {
+        self.0.manifest(file)
+    }
+    fn piece_hashes(&self, file: &FileId) -> Option<&[shoal_node::core::content::PieceHash]> {
+        self.0.piece_hashes(file)
+    }
+    fn files(&self) -> Vec<shoal_node::store::FileStatus> {
+        self.0.files()
+    }
+    fn remove(&mut self, file: &FileId) -> StoreResult<()> {
+        self.0.remove(file)
+    }
+}
+
+type StoreResult<T> = Result<T, shoal_node::store::StoreError>;
 
 /// What a run produced.
 #[derive(Clone, Debug)]
@@ -70,6 +132,8 @@ pub struct RunResult {
     pub trace_hash: [u8; 32],
     /// Events in the trace.
     pub events: usize,
+    /// Peers banned by some host (node ids, hex).
+    pub banned: Vec<String>,
 }
 
 type Trace = Arc<Mutex<Vec<(usize, Duration, String)>>>;
@@ -162,7 +226,12 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                         trace.push((index, at.since_epoch(), format!("{event:?}")));
                     }
                 });
-                let (_, store) = driver.run(node, store, rx, Some(observer), host_seed(spec.seed, index, 2)).await;
+                let run_seed = host_seed(spec.seed, index, 2);
+                let store = if spec.corrupt.contains(&index) {
+                    driver.run(node, CorruptingStore(store), rx, Some(observer), run_seed).await.1.0
+                } else {
+                    driver.run(node, store, rx, Some(observer), run_seed).await.1
+                };
                 if let Ok(mut slot) = slot.lock() {
                     *slot = Some(store);
                 }
@@ -181,8 +250,33 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
     commands[0].try_send(Command::Share { file }).map_err(|e| e.to_string())?;
     let downloaders = spec.hosts - 1;
     let mut asked = false;
+    let (mut split, mut healed) = (false, false);
+    let sides = |group: &[usize]| {
+        let inside: Vec<String> = group.iter().map(|&i| host_name(i)).collect();
+        let outside: Vec<String> = (0..spec.hosts).filter(|i| !group.contains(i)).map(host_name).collect();
+        (inside, outside)
+    };
     loop {
         let now = sim.elapsed();
+        if let Some(partition) = &spec.partition {
+            let (inside, outside) = sides(&partition.group);
+            if !split && now >= partition.from {
+                split = true;
+                for a in &inside {
+                    for b in &outside {
+                        sim.partition(a.as_str(), b.as_str());
+                    }
+                }
+            }
+            if split && !healed && now >= partition.until {
+                healed = true;
+                for a in &inside {
+                    for b in &outside {
+                        sim.repair(a.as_str(), b.as_str());
+                    }
+                }
+            }
+        }
         if !asked && now >= spec.get_at {
             asked = true;
             for tx in commands.iter().skip(1) {
@@ -209,6 +303,8 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         store.is_some_and(|store| held_bytes(&store, &file, content.layout) == Some(data.clone()))
     }) || completion.len() < downloaders;
     let trace = trace.lock().map_err(|e| e.to_string())?;
+    let banned: Vec<String> =
+        trace.iter().filter(|(_, _, e)| e.contains("PeerBanned")).map(|(_, _, e)| e.clone()).collect();
     let mut hash = Sha256::new();
     for (index, at, event) in trace.iter() {
         hash.update(format!("{index} {} {event}\n", at.as_micros()).as_bytes());
@@ -220,6 +316,7 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         content_ok,
         trace_hash: hash.finalize().into(),
         events: trace.len(),
+        banned,
     })
 }
 
@@ -254,6 +351,8 @@ mod tests {
             latency: Duration::from_millis(10),
             get_at: Duration::from_secs(3),
             deadline: Duration::from_secs(120),
+            corrupt: Vec::new(),
+            partition: None,
         }
     }
 
@@ -273,5 +372,48 @@ mod tests {
             first.sim_time,
             first.events
         );
+    }
+
+    /// The flash crowd: 30 hosts, one seed with a 2 MB/s uplink,
+    /// an 8 MiB file.
+    #[test]
+    fn thirty_hosts_fetch_eight_mib_from_a_two_mb_per_s_seed() {
+        let spec =
+            FlashCrowd { hosts: 30, file_bytes: 8 * 1024 * 1024, deadline: Duration::from_secs(300), ..small(11) };
+        let result = run_flash_crowd(&spec).unwrap();
+        assert_eq!(result.completion.len(), 29, "every leecher completed: {:?}", result.completion);
+        assert!(result.content_ok, "every leecher holds the exact bytes");
+        eprintln!("turmoil 30 hosts / 8 MiB: last done {:?} after asking", result.completion.last());
+    }
+
+    /// A corrupting host is banned by its peers and nobody keeps bad data.
+    #[test]
+    fn a_corrupting_host_is_banned_and_data_stays_verified() {
+        let spec = FlashCrowd { hosts: 12, corrupt: vec![3], ..small(12) };
+        let result = run_flash_crowd(&spec).unwrap();
+        assert_eq!(result.completion.len(), result.downloaders, "all completed: {:?}", result.completion);
+        assert!(result.content_ok, "nobody ends with bad data");
+        assert!(!result.banned.is_empty(), "the corrupting host was banned");
+        eprintln!("turmoil bad peer: {} ban events", result.banned.len());
+    }
+
+    /// Half the hosts are cut off for 60 s right after asking; after the
+    /// heal every download still completes (idle timeouts close the dead
+    /// links, provider lookups re-dial).
+    #[test]
+    fn downloads_complete_after_a_partition_heals() {
+        let group: Vec<usize> = (8..16).collect();
+        let spec = FlashCrowd {
+            hosts: 16,
+            partition: Some(Partition { group, from: Duration::from_secs(4), until: Duration::from_secs(64) }),
+            deadline: Duration::from_secs(300),
+            ..small(13)
+        };
+        let result = run_flash_crowd(&spec).unwrap();
+        assert_eq!(result.completion.len(), result.downloaders, "all completed: {:?}", result.completion);
+        assert!(result.content_ok);
+        let last = result.completion.last().copied().unwrap_or_default();
+        assert!(last > Duration::from_secs(60), "the cut-off half waited for the heal: {last:?}");
+        eprintln!("turmoil partition: last done {last:?} after asking");
     }
 }
