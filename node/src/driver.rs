@@ -15,6 +15,10 @@
 //!   keepalive every `keepalive_interval` when idle, the upload limit).
 //!   A peer whose queue is full is too slow and is disconnected.
 //!
+//! On start the driver serves every complete file of the store and resumes
+//! every partial one from the pieces it holds, so a restarted node keeps
+//! its verified pieces.
+//!
 //! Time comes only from `tokio::time` (virtual under turmoil); randomness
 //! (handshake nonces) from a seeded ChaCha RNG; every `select!` is
 //! `biased;` so runs replay.
@@ -244,6 +248,7 @@ impl<T: Transport> Driver<T> {
         seed: [u8; 32],
     ) -> (DriverCounters, S) {
         let Driver { shared, listener, mut net_rx } = self;
+        resume_from_store(&mut node, &store, since(shared.epoch));
         let mut rng = ChaCha8Rng::from_seed(seed);
         let accept = spawn_accept(shared.clone(), listener, rng.random());
         let mut conns: BTreeMap<ConnId, mpsc::Sender<Message>> = BTreeMap::new();
@@ -361,6 +366,23 @@ impl<T: Transport> Driver<T> {
         }
         accept.abort();
         (counters, store)
+    }
+}
+
+/// After a (re)start: serve every complete file in the store and resume
+/// every partial one from the pieces it holds.
+fn resume_from_store<S: Store>(node: &mut Node, store: &S, now: Instant) {
+    for status in store.files() {
+        let (Some(manifest), Some(hashes)) = (store.manifest(&status.file), store.piece_hashes(&status.file)) else {
+            continue;
+        };
+        let (manifest, hashes) = (manifest.clone(), hashes.to_vec());
+        if status.held_pieces == status.piece_count {
+            node.share(now, manifest, hashes);
+        } else {
+            let held = store.held(&status.file).map(|h| h.indices()).unwrap_or_default();
+            node.resume(now, manifest, Some(hashes), held);
+        }
     }
 }
 

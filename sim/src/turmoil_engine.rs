@@ -8,6 +8,7 @@
 //! This first cut runs a flash crowd ([`FlashCrowd`]); the scenario model
 //! (churn, partitions, regions) grows from it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use shoal_node::core::config::Config;
-use shoal_node::core::content::{Layout, hash_buf_read};
+use shoal_node::core::content::{Layout, PieceHash, hash_buf_read};
 use shoal_node::core::exchange::ExchangeEvent;
 use shoal_node::core::ids::{FileId, PieceIndex};
 use shoal_node::core::manifest::FileManifest;
@@ -56,6 +57,20 @@ pub struct FlashCrowd {
     pub corrupt: Vec<usize>,
     /// Cut these hosts off from the others for a while.
     pub partition: Option<Partition>,
+    /// Crash a host and restart it later with its store intact.
+    pub restart: Option<Restart>,
+}
+
+/// A host that crashes at `crash_at` and restarts at `restart_at`, keeping
+/// its durable store (turmoil `crash` then `bounce`).
+#[derive(Clone, Debug)]
+pub struct Restart {
+    /// The host.
+    pub host: usize,
+    /// When it crashes.
+    pub crash_at: Duration,
+    /// When it starts again.
+    pub restart_at: Duration,
 }
 
 /// A group of hosts cut off from the rest during `[from, until)`.
@@ -75,18 +90,14 @@ pub struct CorruptingStore<S>(pub S);
 
 impl<S: Store> Store for CorruptingStore<S> {
     type SharedSource = S::SharedSource;
-    fn create(
-        &mut self,
-        manifest: &FileManifest,
-        hashes: &[shoal_node::core::content::PieceHash],
-    ) -> StoreResult<FileId> {
+    fn create(&mut self, manifest: &FileManifest, hashes: &[PieceHash]) -> StoreResult<FileId> {
         self.0.create(manifest, hashes)
     }
     fn add_shared(
         &mut self,
         source: Self::SharedSource,
         manifest: &FileManifest,
-        hashes: &[shoal_node::core::content::PieceHash],
+        hashes: &[PieceHash],
     ) -> StoreResult<FileId> {
         self.0.add_shared(source, manifest, hashes)
     }
@@ -103,7 +114,7 @@ impl<S: Store> Store for CorruptingStore<S> {
     fn manifest(&self, file: &FileId) -> Option<&FileManifest> {
         self.0.manifest(file)
     }
-    fn piece_hashes(&self, file: &FileId) -> Option<&[shoal_node::core::content::PieceHash]> {
+    fn piece_hashes(&self, file: &FileId) -> Option<&[PieceHash]> {
         self.0.piece_hashes(file)
     }
     fn files(&self) -> Vec<shoal_node::store::FileStatus> {
@@ -115,6 +126,74 @@ impl<S: Store> Store for CorruptingStore<S> {
 }
 
 type StoreResult<T> = Result<T, shoal_node::store::StoreError>;
+
+/// A host's store that outlives the host: the data lives behind a shared
+/// handle kept outside the host factory, so a crash loses only what the
+/// driver held in memory. Manifests and hashes are cached per incarnation
+/// so the trait's borrowing accessors work through the lock.
+pub struct DurableStore {
+    inner: Arc<Mutex<MemoryStore>>,
+    meta: BTreeMap<FileId, (FileManifest, Vec<PieceHash>)>,
+}
+
+impl DurableStore {
+    /// Attach to a store that survives restarts.
+    #[must_use]
+    pub fn attach(inner: Arc<Mutex<MemoryStore>>) -> Self {
+        let mut meta = BTreeMap::new();
+        {
+            let store = lock(&inner);
+            for status in store.files() {
+                if let (Some(m), Some(h)) = (store.manifest(&status.file), store.piece_hashes(&status.file)) {
+                    meta.insert(status.file, (m.clone(), h.to_vec()));
+                }
+            }
+        }
+        Self { inner, meta }
+    }
+}
+
+/// The simulation is single-threaded; a poisoned lock only means a host
+/// panicked, which the run reports anyway.
+fn lock(store: &Mutex<MemoryStore>) -> std::sync::MutexGuard<'_, MemoryStore> {
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Store for DurableStore {
+    type SharedSource = Bytes;
+    fn create(&mut self, manifest: &FileManifest, hashes: &[PieceHash]) -> StoreResult<FileId> {
+        let id = lock(&self.inner).create(manifest, hashes)?;
+        self.meta.insert(id, (manifest.clone(), hashes.to_vec()));
+        Ok(id)
+    }
+    fn add_shared(&mut self, source: Bytes, manifest: &FileManifest, hashes: &[PieceHash]) -> StoreResult<FileId> {
+        let id = lock(&self.inner).add_shared(source, manifest, hashes)?;
+        self.meta.insert(id, (manifest.clone(), hashes.to_vec()));
+        Ok(id)
+    }
+    fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> StoreResult<()> {
+        lock(&self.inner).write_piece(file, piece, data)
+    }
+    fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> StoreResult<Bytes> {
+        lock(&self.inner).read_block(file, piece, offset, length)
+    }
+    fn held(&self, file: &FileId) -> StoreResult<shoal_node::store::HeldPieces> {
+        lock(&self.inner).held(file)
+    }
+    fn manifest(&self, file: &FileId) -> Option<&FileManifest> {
+        self.meta.get(file).map(|(m, _)| m)
+    }
+    fn piece_hashes(&self, file: &FileId) -> Option<&[PieceHash]> {
+        self.meta.get(file).map(|(_, h)| h.as_slice())
+    }
+    fn files(&self) -> Vec<shoal_node::store::FileStatus> {
+        lock(&self.inner).files()
+    }
+    fn remove(&mut self, file: &FileId) -> StoreResult<()> {
+        self.meta.remove(file);
+        lock(&self.inner).remove(file)
+    }
+}
 
 /// What a run produced.
 #[derive(Clone, Debug)]
@@ -134,6 +213,8 @@ pub struct RunResult {
     pub events: usize,
     /// Peers banned by some host (node ids, hex).
     pub banned: Vec<String>,
+    /// Per host, when each of its pieces was verified.
+    pub verified_at: Vec<Vec<Duration>>,
 }
 
 type Trace = Arc<Mutex<Vec<(usize, Duration, String)>>>;
@@ -180,25 +261,26 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         .build();
 
     let trace: Trace = Arc::new(Mutex::new(Vec::new()));
+    // Durable stores live outside the host factories, so a restarted host
+    // finds what it had verified (SIM_NOTES: bounce re-runs the factory).
+    let stores: Vec<Arc<Mutex<MemoryStore>>> =
+        (0..spec.hosts).map(|_| Arc::new(Mutex::new(MemoryStore::new()))).collect();
+    lock(&stores[0]).add_shared(shared_bytes, &manifest, &content.piece_hashes).map_err(|e| e.to_string())?;
+    // Each incarnation takes the command receiver left in its slot.
     let mut commands = Vec::new();
-    let stores: Vec<Arc<Mutex<Option<MemoryStore>>>> = (0..spec.hosts).map(|_| Arc::new(Mutex::new(None))).collect();
-    for (index, slot) in stores.iter().enumerate() {
+    let mut inboxes = Vec::new();
+    for (index, durable) in stores.iter().enumerate() {
         let (tx, rx) = mpsc::channel::<Command>(64);
         commands.push(tx);
-        let rx = Arc::new(Mutex::new(Some(rx)));
+        let inbox = Arc::new(Mutex::new(Some(rx)));
+        inboxes.push(inbox.clone());
         let trace = trace.clone();
-        let slot = slot.clone();
-        let manifest = manifest.clone();
-        let hashes = content.piece_hashes.clone();
-        let shared_bytes = shared_bytes.clone();
+        let durable = durable.clone();
         let spec = spec.clone();
         sim.host(host_name(index), move || {
-            let rx = rx.lock().ok().and_then(|mut r| r.take());
+            let rx = inbox.lock().ok().and_then(|mut r| r.take());
             let trace = trace.clone();
-            let slot = slot.clone();
-            let manifest = manifest.clone();
-            let hashes = hashes.clone();
-            let shared_bytes = shared_bytes.clone();
+            let durable = durable.clone();
             let spec = spec.clone();
             async move {
                 let Some(rx) = rx else { return Ok(()) };
@@ -217,23 +299,17 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                 let local = Contact { id: identity.node_id(), addr: driver.local_addr() };
                 let node = Node::new(Config::default(), local, host_seed(spec.seed, index, 1), driver.now())
                     .map_err(|e| e.to_string())?;
-                let mut store = MemoryStore::new();
-                if index == 0 {
-                    store.add_shared(shared_bytes, &manifest, &hashes).map_err(|e| e.to_string())?;
-                }
                 let observer = Box::new(move |at: shoal_node::core::time::Instant, event: &NodeEvent| {
                     if let Ok(mut trace) = trace.lock() {
                         trace.push((index, at.since_epoch(), format!("{event:?}")));
                     }
                 });
                 let run_seed = host_seed(spec.seed, index, 2);
-                let store = if spec.corrupt.contains(&index) {
-                    driver.run(node, CorruptingStore(store), rx, Some(observer), run_seed).await.1.0
+                let store = DurableStore::attach(durable);
+                if spec.corrupt.contains(&index) {
+                    driver.run(node, CorruptingStore(store), rx, Some(observer), run_seed).await;
                 } else {
-                    driver.run(node, store, rx, Some(observer), run_seed).await.1
-                };
-                if let Ok(mut slot) = slot.lock() {
-                    *slot = Some(store);
+                    driver.run(node, store, rx, Some(observer), run_seed).await;
                 }
                 std::future::pending::<()>().await;
                 Ok(())
@@ -241,13 +317,14 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         });
     }
 
-    // Script: everyone joins through host 0, which shares; downloaders ask
-    // at `get_at`. Commands are sent between steps, at fixed sim times.
+    // Script: everyone joins through host 0, which serves the file from
+    // its store; downloaders ask at `get_at`. Commands are sent between
+    // steps, at fixed simulated times.
     let bootstrap = SocketAddr::new(sim.lookup(host_name(0)), PORT);
     for tx in commands.iter().skip(1) {
         tx.try_send(Command::Bootstrap(vec![bootstrap])).map_err(|e| e.to_string())?;
     }
-    commands[0].try_send(Command::Share { file }).map_err(|e| e.to_string())?;
+    let (mut crashed, mut restarted) = (false, false);
     let downloaders = spec.hosts - 1;
     let mut asked = false;
     let (mut split, mut healed) = (false, false);
@@ -277,6 +354,22 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                 }
             }
         }
+        if let Some(restart) = &spec.restart {
+            if !crashed && now >= restart.crash_at {
+                crashed = true;
+                sim.crash(host_name(restart.host));
+            }
+            if crashed && !restarted && now >= restart.restart_at {
+                restarted = true;
+                let (tx, rx) = mpsc::channel::<Command>(64);
+                if let Ok(mut inbox) = inboxes[restart.host].lock() {
+                    *inbox = Some(rx);
+                }
+                tx.try_send(Command::Bootstrap(vec![bootstrap])).map_err(|e| e.to_string())?;
+                commands[restart.host] = tx;
+                sim.bounce(host_name(restart.host));
+            }
+        }
         if !asked && now >= spec.get_at {
             asked = true;
             for tx in commands.iter().skip(1) {
@@ -298,13 +391,17 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
     }
     let completion: Vec<Duration> =
         completions(&trace, &file).into_iter().map(|at| at.saturating_sub(spec.get_at)).collect();
-    let content_ok = (1..spec.hosts).all(|index| {
-        let store = stores[index].lock().ok().and_then(|mut s| s.take());
-        store.is_some_and(|store| held_bytes(&store, &file, content.layout) == Some(data.clone()))
-    }) || completion.len() < downloaders;
+    let content_ok = completion.len() < downloaders
+        || stores.iter().skip(1).all(|store| held_bytes(&lock(store), &file, content.layout) == Some(data.clone()));
     let trace = trace.lock().map_err(|e| e.to_string())?;
     let banned: Vec<String> =
         trace.iter().filter(|(_, _, e)| e.contains("PeerBanned")).map(|(_, _, e)| e.clone()).collect();
+    let mut verified_at = vec![Vec::new(); spec.hosts];
+    for (index, at, event) in trace.iter() {
+        if event.starts_with("Exchange(PieceVerified") {
+            verified_at[*index].push(*at);
+        }
+    }
     let mut hash = Sha256::new();
     for (index, at, event) in trace.iter() {
         hash.update(format!("{index} {} {event}\n", at.as_micros()).as_bytes());
@@ -317,6 +414,7 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         trace_hash: hash.finalize().into(),
         events: trace.len(),
         banned,
+        verified_at,
     })
 }
 
@@ -353,6 +451,7 @@ mod tests {
             deadline: Duration::from_secs(120),
             corrupt: Vec::new(),
             partition: None,
+            restart: None,
         }
     }
 
@@ -415,5 +514,27 @@ mod tests {
         let last = result.completion.last().copied().unwrap_or_default();
         assert!(last > Duration::from_secs(60), "the cut-off half waited for the heal: {last:?}");
         eprintln!("turmoil partition: last done {last:?} after asking");
+    }
+
+    /// A downloader crashes mid-transfer and restarts with its store: it
+    /// resumes, fetching only the pieces it had not verified.
+    #[test]
+    fn a_restarted_downloader_resumes_from_its_store() {
+        let host = 5;
+        let spec = FlashCrowd {
+            restart: Some(Restart { host, crash_at: Duration::from_millis(3_800), restart_at: Duration::from_secs(8) }),
+            ..small(14)
+        };
+        let result = run_flash_crowd(&spec).unwrap();
+        assert_eq!(result.completion.len(), result.downloaders, "all completed: {:?}", result.completion);
+        assert!(result.content_ok);
+        let crash = Duration::from_millis(3_800);
+        let times = &result.verified_at[host];
+        let before = times.iter().filter(|&&at| at < crash).count();
+        let after = times.len() - before;
+        assert!(before > 0, "it had verified pieces before the crash");
+        assert!(after > 0, "it fetched the rest after the restart");
+        assert_eq!(before + after, 128, "no verified piece was fetched twice");
+        eprintln!("turmoil restart: {before} pieces before the crash, {after} after");
     }
 }
