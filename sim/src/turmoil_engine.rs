@@ -538,3 +538,48 @@ mod tests {
         eprintln!("turmoil restart: {before} pieces before the crash, {after} after");
     }
 }
+
+/// Wall time per simulated second of the turmoil engine, for the record
+/// (not a pass/fail check): `cargo test --release -p shoal-sim -- --ignored
+/// --nocapture wall_time`. `SHOAL_SIM_HOSTS` picks the sizes (default
+/// 25,50,100).
+#[cfg(test)]
+mod wall_time {
+    use super::*;
+
+    // Measuring wall time is the point of this test.
+    #[allow(clippy::disallowed_methods)]
+    #[test]
+    #[ignore = "a measurement in release mode, minutes long"]
+    fn wall_time_per_simulated_second() {
+        let sizes = std::env::var("SHOAL_SIM_HOSTS").unwrap_or_else(|_| "25,50,100".to_owned());
+        for hosts in sizes.split(',').filter_map(|n| n.trim().parse::<usize>().ok()) {
+            let spec = FlashCrowd {
+                hosts,
+                file_bytes: 8 * 1024 * 1024,
+                seed: 21,
+                seed_upload_bytes_per_s: 2_000_000,
+                peer_upload_bytes_per_s: 1_000_000,
+                peer_download_bytes_per_s: 10_000_000,
+                latency: Duration::from_millis(10),
+                get_at: Duration::from_secs(3),
+                deadline: Duration::from_secs(600),
+                corrupt: Vec::new(),
+                partition: None,
+                restart: None,
+            };
+            let started = std::time::Instant::now();
+            let result = run_flash_crowd(&spec).unwrap();
+            let wall = started.elapsed();
+            eprintln!(
+                "hosts {hosts}: {}/{} completed, last after {:?}; sim {:?} in wall {:?}: {:.2} wall s per sim s",
+                result.completion.len(),
+                result.downloaders,
+                result.completion.last(),
+                result.sim_time,
+                wall,
+                wall.as_secs_f64() / result.sim_time.as_secs_f64()
+            );
+        }
+    }
+}
