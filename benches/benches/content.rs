@@ -7,26 +7,12 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sha2::{Digest, Sha256};
-use shoal_core::content::{Layout, hash_buf_read, hash_reader};
+use shoal_core::content::{Layout, hash_buf_read, hash_reader, synthetic_bytes};
 
 const FILE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Deterministic, incompressible-looking bytes (xorshift), so the content
-/// is not a run of zeros.
-fn file_bytes() -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut out = Vec::with_capacity(FILE_BYTES);
-    while out.len() < FILE_BYTES {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out
-}
-
 fn content(c: &mut Criterion) {
-    let data = file_bytes();
+    let data = synthetic_bytes(0x9e37_79b9_7f4a_7c15, FILE_BYTES);
     let layout = Layout::for_file(data.len() as u64);
     let mut group = c.benchmark_group("content");
     group.throughput(Throughput::Bytes(data.len() as u64));

@@ -190,6 +190,23 @@ impl Layout {
     }
 }
 
+/// Deterministic, incompressible-looking content of `len` bytes from
+/// `seed` (xorshift64): the files of simulations, tests and benches. Every
+/// piece differs, so an offset bug cannot hide.
+#[must_use]
+pub fn synthetic_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1; // xorshift's state must not be zero
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Hash of one piece's bytes.
 #[must_use]
 pub fn hash_piece(data: &[u8]) -> PieceHash {

@@ -43,15 +43,7 @@ struct Fixture {
 
 /// The same file in parent and child.
 fn fixture() -> Fixture {
-    let mut state = 0x5eed_u64;
-    let data: Vec<u8> = (0..FILE_BYTES)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let data = content::synthetic_bytes(0x5eed, FILE_BYTES);
     let layout = Layout::new(FILE_BYTES as u64, PIECE_BYTES).unwrap();
     let content = content::hash_buf_read(&data[..], layout).unwrap();
     let manifest = FileManifest::new("crash.bin", &content).unwrap();

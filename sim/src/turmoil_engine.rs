@@ -233,15 +233,7 @@ fn host_seed(scenario: u64, index: usize, purpose: u8) -> [u8; 32] {
 }
 
 fn file_data(spec: &FlashCrowd) -> Vec<u8> {
-    let mut state = spec.seed ^ 0x9e37_79b9_7f4a_7c15;
-    (0..spec.file_bytes)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    shoal_node::core::content::synthetic_bytes(spec.seed ^ 0x9e37_79b9_7f4a_7c15, spec.file_bytes)
 }
 
 /// Run a flash crowd in turmoil.

@@ -12,15 +12,7 @@ use crate::core::content::{BLOCK_BYTES, Layout, PIECE_BYTES_MIN, hash_buf_read};
 
 /// Content that differs in every piece, so an offset bug cannot hide.
 fn bytes_for(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    crate::core::content::synthetic_bytes(seed, len)
 }
 
 struct Sample {
