@@ -250,6 +250,10 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         .min_message_latency(spec.latency)
         .max_message_latency(spec.latency)
         .rng_seed(spec.seed)
+        // turmoil's default of 64 also sizes a listener's SYN queue, and a
+        // full queue panics instead of refusing: 99 hosts bootstrapping
+        // through one host in the same tick overflow it.
+        .tcp_capacity(4096)
         .build();
 
     let trace: Trace = Arc::new(Mutex::new(Vec::new()));
@@ -372,14 +376,15 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         if done || now >= spec.deadline {
             break;
         }
-        sim.step().map_err(|e| format!("simulation failed at {now:?} (seed {}): {e}", spec.seed))?;
+        step(&mut sim, now, spec.seed)?;
     }
     let sim_time = sim.elapsed();
     for tx in &commands {
         let _ = tx.try_send(Command::Shutdown);
     }
     for _ in 0..10 {
-        sim.step().map_err(|e| e.to_string())?;
+        let now = sim.elapsed();
+        step(&mut sim, now, spec.seed)?;
     }
     let completion: Vec<Duration> =
         completions(&trace, &file).into_iter().map(|at| at.saturating_sub(spec.get_at)).collect();
@@ -408,6 +413,24 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         banned,
         verified_at,
     })
+}
+
+/// One turmoil step; a host error or a panic anywhere in the simulation is
+/// a failed run naming the seed and the simulated time (turmoil's message
+/// names the host).
+fn step(sim: &mut turmoil::Sim<'_>, now: Duration, seed: u64) -> Result<(), String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.step())) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("simulation failed at {now:?} (seed {seed}): {e}")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(format!("simulation panicked at {now:?} (seed {seed}): {message}"))
+        }
+    }
 }
 
 fn completions(trace: &Trace, file: &FileId) -> Vec<Duration> {
