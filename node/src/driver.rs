@@ -155,6 +155,87 @@ pub struct DriverCounters {
     pub store_errors: u64,
 }
 
+/// Kinds of frames, for traffic accounting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrameKind {
+    /// Hello and HelloProof.
+    Handshake,
+    /// Keepalives and goodbyes.
+    Control,
+    /// DHT requests and responses.
+    Dht,
+    /// Gossip.
+    Gossip,
+    /// Exchange blocks (the payload).
+    Block,
+    /// Every other exchange message (bitfields, haves, requests, hashes).
+    Exchange,
+}
+
+impl FrameKind {
+    /// Every kind, in report order.
+    pub const ALL: [FrameKind; 6] = [
+        FrameKind::Handshake,
+        FrameKind::Control,
+        FrameKind::Dht,
+        FrameKind::Gossip,
+        FrameKind::Block,
+        FrameKind::Exchange,
+    ];
+
+    /// The kind of a message.
+    #[must_use]
+    pub fn of(message: &Message) -> Self {
+        match message {
+            Message::Hello(_) | Message::HelloProof(_) => Self::Handshake,
+            Message::Request { .. } | Message::Response { .. } => Self::Dht,
+            Message::Gossip(_) => Self::Gossip,
+            Message::Exchange(ExchangeMessage::Block { .. }) => Self::Block,
+            Message::Exchange(_) => Self::Exchange,
+            _ => Self::Control,
+        }
+    }
+
+    /// A short name for reports.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Handshake => "handshake",
+            Self::Control => "control",
+            Self::Dht => "dht",
+            Self::Gossip => "gossip",
+            Self::Block => "block",
+            Self::Exchange => "exchange",
+        }
+    }
+}
+
+/// Wire bytes sent and received by frame kind, readable while the driver
+/// runs (metrics, simulator) without disturbing it.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: [AtomicU64; 6],
+    received: [AtomicU64; 6],
+}
+
+impl Traffic {
+    fn add(counters: &[AtomicU64; 6], kind: FrameKind, bytes: usize) {
+        counters[kind as usize].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes sent of a kind.
+    #[must_use]
+    pub fn sent(&self, kind: FrameKind) -> u64 {
+        self.sent[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Bytes received of a kind.
+    #[must_use]
+    pub fn received(&self, kind: FrameKind) -> u64 {
+        self.received[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
 enum NetEvent {
     Connected {
         conn: ConnId,
@@ -186,6 +267,7 @@ struct Shared<T> {
     net: mpsc::Sender<NetEvent>,
     upload: Mutex<TokenBucket>,
     download: Mutex<TokenBucket>,
+    traffic: Arc<Traffic>,
 }
 
 /// A bound, not yet running driver.
@@ -220,6 +302,7 @@ impl<T: Transport> Driver<T> {
             epoch,
             next_conn: AtomicU64::new(1),
             net,
+            traffic: Arc::new(Traffic::default()),
         });
         Ok(Self { shared, listener, net_rx })
     }
@@ -228,6 +311,12 @@ impl<T: Transport> Driver<T> {
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.advertise
+    }
+
+    /// Live traffic counters.
+    #[must_use]
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.shared.traffic.clone()
     }
 
     /// The driver's clock, in the core's time.
@@ -454,7 +543,7 @@ async fn connection<T: Transport>(
     let mut reader = FrameReader::new(reader, max);
     let handshake = tokio::time::timeout(
         shared.config.handshake_timeout,
-        handshake(&shared.identity, shared.advertise, nonce, &mut reader, &mut writer, max),
+        handshake(&shared.identity, shared.advertise, nonce, &mut reader, &mut writer, max, &shared.traffic),
     )
     .await;
     let peer = match handshake {
@@ -474,6 +563,7 @@ async fn connection<T: Transport>(
     let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
+        Traffic::add(&shared.traffic.received, FrameKind::of(&message), bytes);
         let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
         let wait = shared.download.lock().await.take(bytes as u64, now);
         if !wait.is_zero() {
@@ -500,6 +590,7 @@ async fn handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut W,
     max: u32,
+    traffic: &Traffic,
 ) -> Result<PeerInfo, HandshakeError>
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -507,10 +598,14 @@ where
 {
     let ours = handshake::hello(identity, Some(advertise), nonce);
     let io = |_| HandshakeError::Interrupted("connection failed");
-    write_frame(writer, &Message::Hello(ours.clone()), max).await.map_err(|_| HandshakeError::Interrupted("write"))?;
-    let Some((Message::Hello(theirs), _)) = reader.next().await.map_err(io)? else {
+    let sent = write_frame(writer, &Message::Hello(ours.clone()), max)
+        .await
+        .map_err(|_| HandshakeError::Interrupted("write"))?;
+    Traffic::add(&traffic.sent, FrameKind::Handshake, sent);
+    let Some((Message::Hello(theirs), received)) = reader.next().await.map_err(io)? else {
         return Err(HandshakeError::Interrupted("expected hello"));
     };
+    Traffic::add(&traffic.received, FrameKind::Handshake, received);
     let proof = handshake::proof(identity, &theirs);
     let proof = match proof {
         Ok(proof) => proof,
@@ -523,10 +618,14 @@ where
             return Err(error);
         }
     };
-    write_frame(writer, &Message::HelloProof(proof), max).await.map_err(|_| HandshakeError::Interrupted("write"))?;
-    let Some((Message::HelloProof(their_proof), _)) = reader.next().await.map_err(io)? else {
+    let sent = write_frame(writer, &Message::HelloProof(proof), max)
+        .await
+        .map_err(|_| HandshakeError::Interrupted("write"))?;
+    Traffic::add(&traffic.sent, FrameKind::Handshake, sent);
+    let Some((Message::HelloProof(their_proof), received)) = reader.next().await.map_err(io)? else {
         return Err(HandshakeError::Interrupted("expected proof"));
     };
+    Traffic::add(&traffic.received, FrameKind::Handshake, received);
     handshake::verify_peer(identity, &ours, &theirs, &their_proof)
 }
 
@@ -543,6 +642,7 @@ async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer,
         };
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
+        Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
         let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
         let wait = shared.upload.lock().await.take(bytes as u64, now);
         if !wait.is_zero() {

@@ -15,7 +15,7 @@ use shoal_node::core::ids::{FileId, PieceIndex};
 use shoal_node::core::manifest::FileManifest;
 use shoal_node::core::node::{Node, NodeEvent};
 use shoal_node::core::wire::Contact;
-use shoal_node::driver::{Command, Driver, DriverConfig, DriverCounters};
+use shoal_node::driver::{Command, Driver, DriverConfig, DriverCounters, FrameKind};
 use shoal_node::identity::Identity;
 use shoal_node::store::{MemoryStore, Store};
 use shoal_node::transport::TokioTcp;
@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 struct Running {
     addr: SocketAddr,
+    traffic: std::sync::Arc<shoal_node::driver::Traffic>,
     commands: mpsc::Sender<Command>,
     events: mpsc::UnboundedReceiver<NodeEvent>,
     task: JoinHandle<(DriverCounters, MemoryStore)>,
@@ -34,6 +35,7 @@ async fn start(index: u8, store: MemoryStore) -> Running {
     let config = DriverConfig::new("127.0.0.1:0".parse().unwrap());
     let driver = Driver::bind(TokioTcp, identity.clone(), config).await.unwrap();
     let addr = driver.local_addr();
+    let traffic = driver.traffic();
     let local = Contact { id: identity.node_id(), addr };
     let node = Node::new(Config::default(), local, [index; 32], driver.now()).unwrap();
     let (commands, rx) = mpsc::channel(16);
@@ -42,7 +44,7 @@ async fn start(index: u8, store: MemoryStore) -> Running {
         let _ = events_tx.send(event.clone());
     });
     let task = tokio::spawn(driver.run(node, store, rx, Some(observer), [index + 100; 32]));
-    Running { addr, commands, events, task }
+    Running { addr, traffic, commands, events, task }
 }
 
 async fn wait_for(events: &mut mpsc::UnboundedReceiver<NodeEvent>, want: impl Fn(&NodeEvent) -> bool) -> bool {
@@ -101,6 +103,13 @@ async fn a_file_shared_on_one_daemon_is_fetched_by_another_over_tcp() {
         fetched.extend_from_slice(&c_store.piece(&file, PieceIndex(piece)).expect("every piece stored"));
     }
     assert_eq!(fetched, data, "C holds exactly the shared bytes");
+    // Traffic accounting: C received the file as block payload (plus a
+    // small header per block), and sent no blocks.
+    let blocks_in = c.traffic.received(FrameKind::Block);
+    assert!(blocks_in >= data.len() as u64, "block bytes {blocks_in} < file {}", data.len());
+    assert!(blocks_in < data.len() as u64 * 11 / 10, "block overhead over 10%: {blocks_in}");
+    assert_eq!(c.traffic.sent(FrameKind::Block), 0);
+    assert!(c.traffic.sent(FrameKind::Dht) > 0 && c.traffic.received(FrameKind::Handshake) > 0);
     drop(a.events);
     let _ = a.task.await;
     let _ = b.task.await;

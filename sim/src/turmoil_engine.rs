@@ -22,7 +22,7 @@ use shoal_node::core::ids::{FileId, PieceIndex};
 use shoal_node::core::manifest::FileManifest;
 use shoal_node::core::node::{Node, NodeEvent};
 use shoal_node::core::wire::Contact;
-use shoal_node::driver::{Command, Driver, DriverConfig};
+use shoal_node::driver::{Command, Driver, DriverConfig, FrameKind, Traffic};
 use shoal_node::identity::Identity;
 use shoal_node::store::{MemoryStore, Store};
 use tokio::sync::mpsc;
@@ -215,6 +215,8 @@ pub struct RunResult {
     pub banned: Vec<String>,
     /// Per host, when each of its pieces was verified.
     pub verified_at: Vec<Vec<Duration>>,
+    /// Wire bytes sent by all hosts, by frame kind.
+    pub bytes_by_kind: BTreeMap<&'static str, u64>,
 }
 
 type Trace = Arc<Mutex<Vec<(usize, Duration, String)>>>;
@@ -257,6 +259,8 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         .build();
 
     let trace: Trace = Arc::new(Mutex::new(Vec::new()));
+    // Every incarnation's traffic counters, summed at the end.
+    let traffic: Arc<Mutex<Vec<Arc<Traffic>>>> = Arc::new(Mutex::new(Vec::new()));
     // Durable stores live outside the host factories, so a restarted host
     // finds what it had verified (SIM_NOTES: bounce re-runs the factory).
     let stores: Vec<Arc<Mutex<MemoryStore>>> =
@@ -271,11 +275,13 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         let inbox = Arc::new(Mutex::new(Some(rx)));
         inboxes.push(inbox.clone());
         let trace = trace.clone();
+        let traffic = traffic.clone();
         let durable = durable.clone();
         let spec = spec.clone();
         sim.host(host_name(index), move || {
             let rx = inbox.lock().ok().and_then(|mut r| r.take());
             let trace = trace.clone();
+            let traffic = traffic.clone();
             let durable = durable.clone();
             let spec = spec.clone();
             async move {
@@ -292,6 +298,9 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                 config.max_download_bytes_per_s = down;
                 let identity = Identity::from_secret(host_seed(spec.seed, index, 0));
                 let driver = Driver::bind(TurmoilTcp, identity.clone(), config).await?;
+                if let Ok(mut all) = traffic.lock() {
+                    all.push(driver.traffic());
+                }
                 let local = Contact { id: identity.node_id(), addr: driver.local_addr() };
                 let node = Node::new(Config::default(), local, host_seed(spec.seed, index, 1), driver.now())
                     .map_err(|e| e.to_string())?;
@@ -393,6 +402,12 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
     let trace = trace.lock().map_err(|e| e.to_string())?;
     let banned: Vec<String> =
         trace.iter().filter(|(_, _, e)| e.contains("PeerBanned")).map(|(_, _, e)| e.clone()).collect();
+    let mut bytes_by_kind = BTreeMap::new();
+    for host in traffic.lock().map_err(|e| e.to_string())?.iter() {
+        for kind in FrameKind::ALL {
+            *bytes_by_kind.entry(kind.name()).or_insert(0) += host.sent(kind);
+        }
+    }
     let mut verified_at = vec![Vec::new(); spec.hosts];
     for (index, at, event) in trace.iter() {
         if event.starts_with("Exchange(PieceVerified") {
@@ -412,6 +427,7 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         events: trace.len(),
         banned,
         verified_at,
+        bytes_by_kind,
     })
 }
 
@@ -497,7 +513,13 @@ mod tests {
         let result = run_flash_crowd(&spec).unwrap();
         assert_eq!(result.completion.len(), 29, "every leecher completed: {:?}", result.completion);
         assert!(result.content_ok, "every leecher holds the exact bytes");
-        eprintln!("turmoil 30 hosts / 8 MiB: last done {:?} after asking", result.completion.last());
+        let payload = result.bytes_by_kind["block"];
+        assert!(payload >= 29 * 8 * 1024 * 1024, "every leecher got the file as blocks: {payload}");
+        eprintln!(
+            "turmoil 30 hosts / 8 MiB: last done {:?} after asking; bytes by kind {:?}",
+            result.completion.last(),
+            result.bytes_by_kind
+        );
     }
 
     /// A corrupting host is banned by its peers and nobody keeps bad data.
