@@ -24,7 +24,8 @@ pub struct Config {
     /// machine (the driver refuses more and counts them).
     pub connections_max: u32,
     /// DHT requests waiting for a connection to be dialled, over all
-    /// addresses; more fail at once (counted) rather than queue.
+    /// addresses, and addresses with a dial pending; more fail at once
+    /// (counted) rather than queue.
     pub dial_pending_max: u32,
     /// Providers a download connects to from one provider lookup.
     pub providers_per_lookup_max: u32,

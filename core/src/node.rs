@@ -176,7 +176,8 @@ pub enum NodeEvent {
 /// Counters of the composition itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeCounters {
-    /// Requests failed at once because `dial_pending_max` was reached.
+    /// Requests failed, or sessions not opened, because `dial_pending_max`
+    /// was reached.
     pub dial_queue_full: u64,
     /// Frames that belong to no machine here (handshake frames after it).
     pub frames_unexpected: u64,
@@ -542,6 +543,12 @@ impl Node {
         }
         if let Some(&conn) = self.by_node.get(&peer.id) {
             self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
+            return;
+        }
+        // Swarm notices arrive from gossip: bound the addresses we queue
+        // dials for, whatever peers announce.
+        if !self.dialing.contains_key(&peer.addr) && self.dialing.len() >= self.config.dial_pending_max as usize {
+            self.counters.dial_queue_full += 1;
             return;
         }
         let pending = self.dialing.entry(peer.addr).or_default();
