@@ -59,6 +59,41 @@ pub struct FlashCrowd {
     pub partition: Option<Partition>,
     /// Crash a host and restart it later with its store intact.
     pub restart: Option<Restart>,
+    /// Per-region link latencies; `None`: every link has `latency`.
+    pub regions: Option<Regions>,
+}
+
+/// Hosts placed in regions, with a one-way latency per pair of regions.
+#[derive(Clone, Debug)]
+pub struct Regions {
+    /// Region of each host (host `i` is in `of_host[i % len]`).
+    pub of_host: Vec<usize>,
+    /// One-way latency from region `a` to region `b`.
+    pub latency: Vec<Vec<Duration>>,
+    /// Each message's latency is drawn from `[latency, latency + jitter]`
+    /// (turmoil's exponential curve, seeded by the scenario seed).
+    pub jitter: Duration,
+}
+
+impl Regions {
+    fn validate(&self) -> Result<(), String> {
+        let n = self.latency.len();
+        if n == 0 || self.latency.iter().any(|row| row.len() != n) {
+            return Err(format!("region latency matrix must be square and non-empty, got {n} rows"));
+        }
+        if self.of_host.is_empty() {
+            return Err("regions.of_host is empty".to_owned());
+        }
+        if let Some(bad) = self.of_host.iter().find(|&&r| r >= n) {
+            return Err(format!("host region {bad} does not exist (there are {n} regions)"));
+        }
+        Ok(())
+    }
+
+    fn between(&self, a: usize, b: usize) -> Duration {
+        let region = |host: usize| self.of_host[host % self.of_host.len()];
+        self.latency[region(a)][region(b)]
+    }
 }
 
 /// A host that crashes at `crash_at` and restarts at `restart_at`, keeping
@@ -258,6 +293,9 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
         .tcp_capacity(4096)
         .build();
 
+    if let Some(regions) = &spec.regions {
+        regions.validate()?;
+    }
     let trace: Trace = Arc::new(Mutex::new(Vec::new()));
     // Every incarnation's traffic counters, summed at the end.
     let traffic: Arc<Mutex<Vec<Arc<Traffic>>>> = Arc::new(Mutex::new(Vec::new()));
@@ -320,6 +358,18 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                 Ok(())
             }
         });
+    }
+
+    if let Some(regions) = &spec.regions {
+        for a in 0..spec.hosts {
+            for b in a + 1..spec.hosts {
+                let base = regions.between(a, b);
+                sim.set_link_latency(host_name(a), host_name(b), base);
+                if !regions.jitter.is_zero() {
+                    sim.set_link_max_message_latency(host_name(a), host_name(b), base + regions.jitter);
+                }
+            }
+        }
     }
 
     // Script: everyone joins through host 0, which serves the file from
@@ -483,6 +533,7 @@ mod tests {
             corrupt: Vec::new(),
             partition: None,
             restart: None,
+            regions: None,
         }
     }
 
@@ -553,6 +604,28 @@ mod tests {
         eprintln!("turmoil partition: last done {last:?} after asking");
     }
 
+    /// Two regions 80 ms apart (10 ms inside, 5 ms jitter): the crowd
+    /// still completes with exact bytes, later than in one region, and the
+    /// jittered run replays.
+    #[test]
+    fn region_latencies_apply_and_replay() {
+        let ms = Duration::from_millis;
+        let regions =
+            Regions { of_host: vec![0, 1], latency: vec![vec![ms(10), ms(80)], vec![ms(80), ms(10)]], jitter: ms(5) };
+        let spec = FlashCrowd { regions: Some(regions), ..small(15) };
+        let far = run_flash_crowd(&spec).unwrap();
+        assert_eq!(far.completion.len(), far.downloaders);
+        assert!(far.content_ok);
+        let near = run_flash_crowd(&small(15)).unwrap();
+        let (far_last, near_last) = (far.completion.last().copied(), near.completion.last().copied());
+        assert!(far_last > near_last, "80 ms links are slower: {far_last:?} vs {near_last:?}");
+        assert_eq!(far.trace_hash, run_flash_crowd(&spec).unwrap().trace_hash, "jitter is seeded");
+        let bad = Regions { of_host: vec![2], latency: vec![vec![ms(1)]], jitter: ms(0) };
+        let error = run_flash_crowd(&FlashCrowd { regions: Some(bad), ..small(15) }).unwrap_err();
+        assert!(error.contains("region 2 does not exist"), "{error}");
+        eprintln!("turmoil regions: last done {far_last:?} (one region: {near_last:?})");
+    }
+
     /// A downloader crashes mid-transfer and restarts with its store: it
     /// resumes, fetching only the pieces it had not verified.
     #[test]
@@ -604,6 +677,7 @@ mod wall_time {
                 corrupt: Vec::new(),
                 partition: None,
                 restart: None,
+                regions: None,
             };
             let started = std::time::Instant::now();
             let result = run_flash_crowd(&spec).unwrap();
