@@ -106,7 +106,9 @@ fn data_dir(arg: Option<PathBuf>) -> Result<PathBuf, String> {
 fn daemon(args: DaemonArgs) -> Result<(), String> {
     let config = load_config(args.config.as_deref())?;
     let dir = data_dir(args.data_dir)?;
-    let identity = Identity::load_or_create(&dir, || random_seed().unwrap_or([0; 32])).map_err(|e| e.to_string())?;
+    // Drawn up front: a node must never fall back to a predictable key.
+    let fresh_secret = random_seed()?;
+    let identity = Identity::load_or_create(&dir, || fresh_secret).map_err(|e| e.to_string())?;
     // Store errors name their paths.
     let store = DiskStore::open(&dir).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
