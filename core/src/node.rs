@@ -231,6 +231,9 @@ pub struct Node {
     downloads: BTreeMap<FileId, Download>,
     /// Text of running searches, to merge with the gossip file index.
     search_text: BTreeMap<QueryId, String>,
+    /// Manifests of the files we serve (at most `exchange.files_max`).
+    served: BTreeMap<FileId, FileManifest>,
+    /// Whether we have had contacts (and so published what we serve).
     announced: bool,
     out: VecDeque<NodeOutput>,
     counters: NodeCounters,
@@ -267,6 +270,7 @@ impl Node {
             queries: BTreeMap::new(),
             downloads: BTreeMap::new(),
             search_text: BTreeMap::new(),
+            served: BTreeMap::new(),
             announced: false,
             out: VecDeque::new(),
             counters: NodeCounters::default(),
@@ -377,18 +381,32 @@ impl Node {
         self.drain(now);
     }
 
-    /// Share a file we hold: serve it, publish it in the DHT and on gossip.
+    /// Share a file we hold: serve it, and publish it in the DHT and on
+    /// gossip (at once if we have contacts, else after the first bootstrap).
     pub fn share(&mut self, now: Instant, manifest: FileManifest, piece_hashes: Vec<PieceHash>) {
         let Ok(file) = manifest.validate() else { return };
-        let entry = KeywordEntry { file, name: manifest.name.clone(), size: manifest.size };
+        if self.served.len() >= self.config.exchange.files_max as usize && !self.served.contains_key(&file) {
+            return; // the exchange would refuse it too
+        }
         self.exchange.handle_input(now, ExchangeInput::Seed { manifest: manifest.clone(), piece_hashes });
+        self.served.insert(file, manifest);
+        if self.announced {
+            self.publish(now, file);
+        }
+        self.drain(now);
+    }
+
+    /// Store the manifest, provider record and keywords of a served file,
+    /// and announce it on gossip.
+    fn publish(&mut self, now: Instant, file: FileId) {
+        let Some(manifest) = self.served.get(&file).cloned() else { return };
+        let entry = KeywordEntry { file, name: manifest.name.clone(), size: manifest.size };
         if let Ok(q) = self.kad.put_manifest(now, manifest) {
             self.queries.insert(q, Purpose::Publish);
         }
         self.announce_provider(now, file, true);
         self.kad.publish_keywords(now, entry.clone());
         self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Files, payload: Announcement::File(entry) });
-        self.drain(now);
     }
 
     /// Resume a download found in the store at start.
@@ -402,7 +420,10 @@ impl Node {
         let Ok(file) = manifest.validate() else { return };
         self.exchange.handle_input(now, ExchangeInput::Download { manifest, piece_hashes, have });
         self.downloads.insert(file, Download { next_provider_lookup: None });
-        self.find_providers(now, file);
+        if self.announced {
+            self.announce_provider(now, file, false);
+            self.find_providers(now, file);
+        }
         self.drain(now);
     }
 
@@ -429,6 +450,7 @@ impl Node {
     /// Stop serving and fetching a file.
     pub fn remove(&mut self, now: Instant, file: FileId) {
         self.downloads.remove(&file);
+        self.served.remove(&file);
         self.kad.stop_providing(file);
         self.kad.unpublish_keywords(file);
         self.exchange.handle_input(now, ExchangeInput::Remove { file });
@@ -600,8 +622,29 @@ impl Node {
                 self.on_exchange_output(now, output);
             }
             if !progressed {
-                break;
+                if self.announced || self.kad.table().is_empty() {
+                    break;
+                }
+                self.announce(now);
             }
+        }
+    }
+
+    /// The first contact (a bootstrap, or a peer that found us): announce
+    /// ourselves, and everything served or resumed before we had anyone to
+    /// tell.
+    fn announce(&mut self, now: Instant) {
+        self.announced = true;
+        let payload = Announcement::Peer(self.local);
+        self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Peers, payload });
+        let served: Vec<FileId> = self.served.keys().copied().collect();
+        for file in served {
+            self.publish(now, file);
+        }
+        let downloads: Vec<FileId> = self.downloads.keys().copied().collect();
+        for file in downloads {
+            self.announce_provider(now, file, false);
+            self.find_providers(now, file);
         }
     }
 
@@ -616,11 +659,6 @@ impl Node {
             }
             KadOutput::Event(KadEvent::Bootstrapped { contacts }) => {
                 self.out.push_back(NodeOutput::Event(NodeEvent::Bootstrapped { contacts }));
-                if contacts > 0 && !self.announced {
-                    self.announced = true;
-                    let payload = Announcement::Peer(self.local);
-                    self.gossip.handle_input(now, GossipInput::Publish { topic: Topic::Peers, payload });
-                }
             }
             KadOutput::Event(KadEvent::QueryFinished { id, stats, result }) => self.on_query(now, id, stats, result),
         }

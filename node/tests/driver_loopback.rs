@@ -1,5 +1,5 @@
 //! Three drivers over real TCP on 127.0.0.1, in one process: A bootstraps
-//! the network, B shares a file, C fetches it by id alone.
+//! the network, B serves a file from its store, C fetches it by id alone.
 
 // Test setup that fails should panic loudly.
 #![allow(clippy::unwrap_used)]
@@ -13,7 +13,7 @@ use shoal_node::core::content::{Layout, hash_buf_read};
 use shoal_node::core::exchange::ExchangeEvent;
 use shoal_node::core::ids::{FileId, PieceIndex};
 use shoal_node::core::manifest::FileManifest;
-use shoal_node::core::node::{Node, NodeEvent};
+use shoal_node::core::node::{LookupKind, Node, NodeEvent};
 use shoal_node::core::wire::Contact;
 use shoal_node::driver::{Command, Driver, DriverConfig, DriverCounters, FrameKind};
 use shoal_node::identity::Identity;
@@ -79,10 +79,11 @@ async fn a_file_shared_on_one_daemon_is_fetched_by_another_over_tcp() {
     assert!(wait_for(&mut b.events, |e| matches!(e, NodeEvent::Bootstrapped { contacts } if *contacts > 0)).await);
     assert!(wait_for(&mut c.events, |e| matches!(e, NodeEvent::Bootstrapped { contacts } if *contacts > 0)).await);
 
-    b.commands.send(Command::Share { file }).await.unwrap();
+    // B serves the file from its store since start; once it has contacts
+    // it publishes the records by itself (no Share command).
     assert!(
-        wait_for(&mut b.events, |e| matches!(e, NodeEvent::Lookup { .. })).await,
-        "the share published its records"
+        wait_for(&mut b.events, |e| matches!(e, NodeEvent::Lookup { kind: LookupKind::Publish, .. })).await,
+        "the stored file was published after bootstrap"
     );
     c.commands.send(Command::Get { file }).await.unwrap();
     let complete = wait_for(
