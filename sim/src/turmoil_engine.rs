@@ -344,7 +344,10 @@ pub fn run_flash_crowd(spec: &FlashCrowd) -> Result<RunResult, String> {
                     .map_err(|e| e.to_string())?;
                 let observer = Box::new(move |at: shoal_node::core::time::Instant, event: &NodeEvent| {
                     if let Ok(mut trace) = trace.lock() {
-                        trace.push((index, at.since_epoch(), format!("{event:?}")));
+                        // Simulation time, not the driver's: a restarted
+                        // host's driver clock starts again at zero.
+                        let sim_time = turmoil::sim_elapsed().unwrap_or(at.since_epoch());
+                        trace.push((index, sim_time, format!("{event:?}")));
                     }
                 });
                 let run_seed = host_seed(spec.seed, index, 2);
@@ -631,14 +634,17 @@ mod tests {
     #[test]
     fn a_restarted_downloader_resumes_from_its_store() {
         let host = 5;
+        // 400 KB/s downloads: 2 MiB takes over 5 s, so a crash 1 s after
+        // asking always lands mid-transfer, whatever the schedule.
+        let crash = Duration::from_secs(4);
         let spec = FlashCrowd {
-            restart: Some(Restart { host, crash_at: Duration::from_millis(3_800), restart_at: Duration::from_secs(8) }),
+            peer_download_bytes_per_s: 400_000,
+            restart: Some(Restart { host, crash_at: crash, restart_at: Duration::from_secs(8) }),
             ..small(14)
         };
         let result = run_flash_crowd(&spec).unwrap();
         assert_eq!(result.completion.len(), result.downloaders, "all completed: {:?}", result.completion);
         assert!(result.content_ok);
-        let crash = Duration::from_millis(3_800);
         let times = &result.verified_at[host];
         let before = times.iter().filter(|&&at| at < crash).count();
         let after = times.len() - before;
