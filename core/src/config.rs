@@ -27,6 +27,9 @@ pub struct Config {
     /// addresses, and addresses with a dial pending; more fail at once
     /// (counted) rather than queue.
     pub dial_pending_max: u32,
+    /// DHT requests in flight the node remembers the connection of (to
+    /// fail them when it drops); Kademlia times out the rest itself.
+    pub requests_tracked_max: u32,
     /// Providers a download connects to from one provider lookup.
     pub providers_per_lookup_max: u32,
     /// Every `provider_refresh_interval`, a running download with fewer
@@ -48,6 +51,7 @@ impl Default for Config {
             frame_bytes_max: 256 * 1024,
             connections_max: 256,
             dial_pending_max: 1024,
+            requests_tracked_max: 4096,
             providers_per_lookup_max: 32,
             download_peers_target: 8,
             provider_refresh_interval: Duration::from_secs(30),

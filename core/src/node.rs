@@ -183,6 +183,8 @@ pub struct NodeCounters {
     pub frames_unexpected: u64,
     /// Responses to requests we did not send on that connection.
     pub responses_unexpected: u64,
+    /// Requests forgotten at `requests_tracked_max`.
+    pub requests_untracked: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -481,7 +483,7 @@ impl Node {
             let Some(pending) = self.dialing.remove(&key) else { continue };
             self.dial_pending -= pending.requests.len();
             for (id, request) in pending.requests {
-                self.requests.insert(id, conn);
+                self.track_request(id, conn);
                 self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             }
             for file in pending.opens {
@@ -533,6 +535,18 @@ impl Node {
         }
     }
 
+    /// Remember which connection a DHT request went on, so a dropped
+    /// connection fails it at once. Bounded: a peer that never answers
+    /// on a live connection cannot grow this map; past the limit the
+    /// oldest entry (request ids increase) is forgotten and Kademlia's own
+    /// timeout handles it.
+    fn track_request(&mut self, id: RequestId, conn: ConnId) {
+        if self.requests.len() >= self.config.requests_tracked_max as usize && self.requests.pop_first().is_some() {
+            self.counters.requests_untracked += 1;
+        }
+        self.requests.insert(id, conn);
+    }
+
     /// Send a DHT request to `addr` (and `node`, if known), dialling first
     /// if no connection is open.
     fn send_request(&mut self, now: Instant, node: Option<NodeId>, addr: SocketAddr, id: RequestId, request: Request) {
@@ -540,7 +554,7 @@ impl Node {
             .and_then(|n| self.by_node.get(&n).copied())
             .or_else(|| self.conns.iter().find(|(_, p)| p.addr == addr).map(|(&c, _)| c));
         if let Some(conn) = conn {
-            self.requests.insert(id, conn);
+            self.track_request(id, conn);
             self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             return;
         }
@@ -666,6 +680,7 @@ impl Node {
 
     fn on_query(&mut self, now: Instant, id: QueryId, stats: QueryStats, result: QueryResult) {
         let Some(purpose) = self.queries.remove(&id) else { return };
+        let search_text = self.search_text.remove(&id);
         let kind = match purpose {
             Purpose::Manifest(_) => LookupKind::Manifest,
             Purpose::Providers(_) => LookupKind::Providers,
@@ -700,7 +715,7 @@ impl Node {
                 }
             }
             (Purpose::Search, QueryResult::Search { entries }) => {
-                let text = self.search_text.remove(&id).unwrap_or_default();
+                let text = search_text.unwrap_or_default();
                 let mut merged: BTreeMap<FileId, KeywordEntry> = entries.into_iter().map(|e| (e.file, e)).collect();
                 for entry in self.gossip.search(&text) {
                     merged.entry(entry.file).or_insert(entry);

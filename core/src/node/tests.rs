@@ -266,3 +266,25 @@ fn the_same_seed_gives_the_same_trace() {
     assert_eq!(trace(4), trace(4));
     assert_ne!(trace(4), trace(5));
 }
+
+/// Peers that never answer cannot grow the node's request tracking past
+/// `requests_tracked_max`.
+#[test]
+fn unanswered_requests_are_tracked_within_the_limit() {
+    let config = Config { requests_tracked_max: 4, ..Config::default() };
+    let local = Contact { id: node_id(0), addr: addr(0) };
+    let mut node = Node::new(config, local, [9; 32], Instant::ZERO).unwrap();
+    let peers: Vec<SocketAddr> = (1..=10).map(addr).collect();
+    for (i, &peer) in peers.iter().enumerate() {
+        let conn = ConnId(i as u64 + 1);
+        node.handle_input(Instant::ZERO, NodeInput::Connected { conn, peer: node_id(i + 1), addr: peer, dialed: None });
+    }
+    while node.poll_output().is_some() {}
+    node.bootstrap(Instant::ZERO, &peers);
+    let mut sent = 0;
+    while let Some(output) = node.poll_output() {
+        sent += usize::from(matches!(output, NodeOutput::Send { message: Message::Request { .. }, .. }));
+    }
+    assert_eq!(sent, 10, "one bootstrap request per peer, on its open connection");
+    assert_eq!(node.counters().requests_untracked, 6, "only the newest 4 stay tracked");
+}
