@@ -365,25 +365,32 @@ impl Download {
             return out;
         }
         let depth = self.depth(slot) as usize;
+        // Rates only change when blocks arrive: once per call, not per block.
+        let average = self.average_rate();
         while self.inflight(slot) < depth {
-            let Some(block) = self.next_block(slot) else { break };
+            let Some(block) = self.next_block(slot, average) else { break };
             self.mark_requested(slot, block, now);
             out.push(block);
         }
         out
     }
 
-    fn next_block(&mut self, slot: PeerSlot) -> Option<BlockRef> {
+    /// The next free block of a piece `slot` already owns.
+    fn owned_free_block(&self, slot: PeerSlot) -> Option<BlockRef> {
+        self.peer(slot)?.owned.iter().find_map(|&piece| {
+            let block = self.partials.get(&piece).and_then(Partial::first_free)?;
+            Some(BlockRef { piece, block })
+        })
+    }
+
+    fn next_block(&mut self, slot: PeerSlot, average: Option<u64>) -> Option<BlockRef> {
         if let Some(block) = self.streaming_block(slot) {
             return Some(block);
         }
-        let owned = self.peer(slot).map(|p| p.owned.clone()).unwrap_or_default();
-        for piece in owned {
-            if let Some(block) = self.partials.get(&piece).and_then(Partial::first_free) {
-                return Some(BlockRef { piece, block });
-            }
+        if let Some(block) = self.owned_free_block(slot) {
+            return Some(block);
         }
-        if let Some(piece) = self.takeover_piece(slot) {
+        if let Some(piece) = self.takeover_piece(slot, average) {
             self.set_owner(piece, slot);
             let block = self.partials.get(&piece).and_then(Partial::first_free)?;
             return Some(BlockRef { piece, block });
@@ -451,8 +458,13 @@ impl Download {
 
     /// Average measured rate over peers that have one.
     fn average_rate(&self) -> Option<u64> {
-        let rates: Vec<u64> = self.peers.iter().flatten().filter_map(|p| p.rate.bytes_per_s).collect();
-        (!rates.is_empty()).then(|| rates.iter().sum::<u64>() / rates.len() as u64)
+        let (sum, count) = self
+            .peers
+            .iter()
+            .flatten()
+            .filter_map(|p| p.rate.bytes_per_s)
+            .fold((0u64, 0u64), |(sum, count), rate| (sum.saturating_add(rate), count + 1));
+        (count > 0).then(|| sum / count)
     }
 
     /// Whether a piece owner is far slower than average. An owner without
@@ -462,8 +474,7 @@ impl Download {
         owner_rate.saturating_mul(u64::from(self.config.slow_peer_ratio)) < average
     }
 
-    fn takeover_piece(&self, slot: PeerSlot) -> Option<PieceIndex> {
-        let average = self.average_rate();
+    fn takeover_piece(&self, slot: PeerSlot, average: Option<u64>) -> Option<PieceIndex> {
         self.partials
             .iter()
             .filter(|(piece, partial)| {
