@@ -655,8 +655,8 @@ mod tests {
     }
 }
 
-/// Wall time per simulated second of the turmoil engine, for the record
-/// (not a pass/fail check): `cargo test --release -p shoal-sim -- --ignored
+/// Wall time per simulated second of the turmoil engine, for the record;
+/// it fails only if a run does not complete with exact bytes: `cargo test --release -p shoal-sim -- --ignored
 /// --nocapture wall_time`. `SHOAL_SIM_HOSTS` picks the sizes (default
 /// 25,50,100).
 #[cfg(test)]
@@ -688,6 +688,8 @@ mod wall_time {
             let started = std::time::Instant::now();
             let result = run_flash_crowd(&spec).unwrap();
             let wall = started.elapsed();
+            assert_eq!(result.completion.len(), result.downloaders, "{hosts} hosts: not every download completed");
+            assert!(result.content_ok, "{hosts} hosts: a download holds wrong bytes");
             eprintln!(
                 "hosts {hosts}: {}/{} completed, last after {:?}; sim {:?} in wall {:?}: {:.2} wall s per sim s",
                 result.completion.len(),
