@@ -33,6 +33,9 @@ pub struct ExchangeConfig {
     pub requests_queued_per_peer_max: u32,
     /// Failed pieces a peer may send before it is banned from the file.
     pub strikes_max: u32,
+    /// Nodes banned from one file that are remembered; past it the oldest
+    /// ban is forgotten (identities are cheap, memory is not).
+    pub bans_per_file_max: u32,
     /// Piece hashes asked for in one `HashRequest` (a power of two):
     /// 512 × 32 B = 16 KiB plus one proof path per batch.
     pub hash_batch_max: u32,
@@ -59,6 +62,7 @@ impl Default for ExchangeConfig {
             optimistic_unchoke_interval: Duration::from_secs(30),
             requests_queued_per_peer_max: 256,
             strikes_max: 3,
+            bans_per_file_max: 1024,
             hash_batch_max: 512,
             super_seeding: false,
             super_seed_reveals_per_peer: 2,

@@ -85,6 +85,8 @@ pub(super) struct Swarm {
     buffers: BTreeMap<PieceIndex, Vec<u8>>,
     strikes: BTreeMap<NodeId, u32>,
     banned: BTreeSet<NodeId>,
+    /// `banned` in ban order, to forget the oldest at `bans_per_file_max`.
+    ban_order: VecDeque<NodeId>,
     config: ExchangeConfig,
 }
 
@@ -128,6 +130,7 @@ impl Swarm {
             buffers: BTreeMap::new(),
             strikes: BTreeMap::new(),
             banned: BTreeSet::new(),
+            ban_order: VecDeque::new(),
             config: config.clone(),
         };
         match have {
@@ -732,6 +735,30 @@ impl Swarm {
         Ok(after)
     }
 
+    /// Count a strike against `node`; returns whether it is now banned.
+    /// Identities are cheap, so both tables are bounded: strike counts by
+    /// forgetting some unbanned node, bans by forgetting the oldest.
+    fn strike(&mut self, node: NodeId) -> bool {
+        let strikes_tracked_max = usize::from(self.config.peers_per_file_max) * 4;
+        if !self.strikes.contains_key(&node) && self.strikes.len() >= strikes_tracked_max {
+            self.strikes.pop_first();
+        }
+        let strikes = self.strikes.entry(node).or_insert(0);
+        *strikes += 1;
+        if *strikes < self.config.strikes_max || self.banned.contains(&node) {
+            return false;
+        }
+        self.strikes.remove(&node);
+        if self.ban_order.len() >= self.config.bans_per_file_max as usize
+            && let Some(oldest) = self.ban_order.pop_front()
+        {
+            self.banned.remove(&oldest);
+        }
+        self.banned.insert(node);
+        self.ban_order.push_back(node);
+        true
+    }
+
     /// Hash a complete piece: store it if good, refetch and blame if bad.
     fn verify(
         &mut self,
@@ -776,13 +803,54 @@ impl Swarm {
         }));
         let mut banned = None;
         for (conn, node) in nodes {
-            let strikes = self.strikes.entry(node).or_insert(0);
-            *strikes += 1;
-            if *strikes >= self.config.strikes_max && self.banned.insert(node) && banned.is_none() {
+            if self.strike(node) && banned.is_none() {
                 banned = Some((conn, node));
             }
         }
         self.refill_all(now, out);
         banned.map_or(After::Nothing, After::Banned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::PIECE_BYTES_MIN;
+
+    fn swarm(config: &ExchangeConfig) -> Swarm {
+        let layout = Layout::new(u64::from(PIECE_BYTES_MIN), PIECE_BYTES_MIN).unwrap();
+        Swarm::new(
+            FileId([1; 32]),
+            layout,
+            MerkleRoot::default(),
+            Some(vec![PieceHash::default()]),
+            None,
+            config,
+            [0; 32],
+        )
+    }
+
+    fn node(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    #[test]
+    fn strikes_and_bans_are_bounded() {
+        let config =
+            ExchangeConfig { peers_per_file_max: 1, strikes_max: 3, bans_per_file_max: 2, ..ExchangeConfig::default() };
+        let mut s = swarm(&config);
+        // One strike each from 10 identities: at most 4 (peers × 4) tracked.
+        for n in 0..10 {
+            assert!(!s.strike(node(n)));
+        }
+        assert_eq!(s.strikes.len(), 4);
+        // Three strikes ban; only the 2 newest bans are remembered.
+        for n in [20, 21, 22] {
+            let bans: Vec<bool> = (0..3).map(|_| s.strike(node(n))).collect();
+            assert_eq!(bans, [false, false, true], "banned on the third strike");
+        }
+        assert_eq!(s.ban_order.iter().copied().collect::<Vec<_>>(), [node(21), node(22)]);
+        assert!(!s.banned.contains(&node(20)) && s.banned.contains(&node(22)));
+        assert!(s.strikes.len() <= 4);
     }
 }
