@@ -130,6 +130,8 @@ pub enum LookupKind {
     Publish,
     /// Name search.
     Search,
+    /// An explicit node lookup ([`Node::find_node`]).
+    FindNode,
 }
 
 /// Node-level events.
@@ -166,6 +168,13 @@ pub enum NodeEvent {
         id: QueryId,
         /// Matching files, by id.
         entries: Vec<KeywordEntry>,
+    },
+    /// Result of [`Node::find_node`].
+    NodesFound {
+        /// The id [`Node::find_node`] returned.
+        id: QueryId,
+        /// The closest contacts that answered, closest first.
+        closest: Vec<NodeId>,
     },
     /// A gossip message was delivered.
     Gossip(GossipEvent),
@@ -211,6 +220,7 @@ enum Purpose {
     Providers(FileId),
     Publish,
     Search,
+    FindNode,
 }
 
 #[cfg(test)]
@@ -445,6 +455,15 @@ impl Node {
         let q = self.kad.search(now, text);
         self.queries.insert(q, Purpose::Search);
         self.search_text.insert(q, text.to_owned());
+        self.drain(now);
+        q
+    }
+
+    /// Look up the nodes closest to `target` (simulator workloads, network
+    /// probes); the answer comes as [`NodeEvent::NodesFound`].
+    pub fn find_node(&mut self, now: Instant, target: NodeId) -> QueryId {
+        let q = self.kad.find_node(now, target.0);
+        self.queries.insert(q, Purpose::FindNode);
         self.drain(now);
         q
     }
@@ -686,6 +705,7 @@ impl Node {
             Purpose::Providers(_) => LookupKind::Providers,
             Purpose::Publish => LookupKind::Publish,
             Purpose::Search => LookupKind::Search,
+            Purpose::FindNode => LookupKind::FindNode,
         };
         self.out.push_back(NodeOutput::Event(NodeEvent::Lookup { kind, stats }));
         match (purpose, result) {
@@ -722,6 +742,10 @@ impl Node {
                 }
                 let entries = merged.into_values().collect();
                 self.out.push_back(NodeOutput::Event(NodeEvent::SearchResults { id, entries }));
+            }
+            (Purpose::FindNode, QueryResult::FindNode { closest }) => {
+                let closest = closest.into_iter().map(|c| c.id).collect();
+                self.out.push_back(NodeOutput::Event(NodeEvent::NodesFound { id, closest }));
             }
             _ => {}
         }

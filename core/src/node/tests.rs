@@ -237,6 +237,35 @@ fn search_finds_files_by_the_words_of_their_names() {
     assert_eq!(names, ["Ubuntu 24.04 desktop amd64.iso", "ubuntu-server.iso"]);
 }
 
+#[test]
+fn find_node_reports_the_closest_live_nodes() {
+    let mut net = network(30, 3);
+    net.run_for(Duration::from_secs(10));
+    let target = node_id(1000);
+    let id = net.with_node(17, |host, now| {
+        let id = host.node.find_node(now, target);
+        host.pump(now);
+        id
+    });
+    net.run_for(Duration::from_secs(20));
+    let found = net
+        .node(17)
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            NodeEvent::NodesFound { id: got, closest } if *got == id => Some(closest.clone()),
+            _ => None,
+        })
+        .expect("lookup finished");
+    let mut truth: Vec<NodeId> = (0..30).filter(|&i| i != 17).map(node_id).collect();
+    truth.sort_by_key(|n| n.distance(&target));
+    assert_eq!(found.first(), truth.first(), "the closest node is found first");
+    let lookup = net.node(17).events.iter().any(|(_, e)| {
+        matches!(e, NodeEvent::Lookup { kind: LookupKind::FindNode, stats } if stats.success && stats.rounds >= 1)
+    });
+    assert!(lookup, "a successful FindNode lookup is reported");
+}
+
 /// The same seed replays the same run; another seed does not.
 #[test]
 fn the_same_seed_gives_the_same_trace() {

@@ -33,7 +33,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::PeerSlot;
-use super::picker::{PickerError, PiecePicker, PieceState};
+use super::picker::{PickPolicy, PickerError, PiecePicker, PieceState};
 use crate::content::{BLOCK_BYTES, Layout};
 use crate::ids::PieceIndex;
 use crate::time::Instant;
@@ -63,6 +63,9 @@ pub struct DownloadConfig {
     pub slow_peer_ratio: u32,
     /// Pieces ahead of the read position fetched first in streaming mode.
     pub streaming_window_pieces: u32,
+    /// Which free piece to start next (rarest-first; the others are for
+    /// experiments).
+    pub pick_policy: PickPolicy,
 }
 
 impl Default for DownloadConfig {
@@ -77,6 +80,7 @@ impl Default for DownloadConfig {
             endgame_requests_per_block_max: 2,
             slow_peer_ratio: 4,
             streaming_window_pieces: 8,
+            pick_policy: PickPolicy::RarestFirst,
         }
     }
 }
@@ -216,7 +220,7 @@ impl Download {
         have: impl IntoIterator<Item = PieceIndex>,
         rng: &mut impl Rng,
     ) -> Self {
-        let mut picker = PiecePicker::new(layout.piece_count(), peers_max, rng);
+        let mut picker = PiecePicker::with_policy(layout.piece_count(), peers_max, config.pick_policy, rng);
         for piece in have {
             // Indices come from our own store; ignore any past the end.
             let _ = picker.complete(piece);

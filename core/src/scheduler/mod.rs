@@ -18,7 +18,7 @@ pub mod reference;
 mod tests;
 
 pub use download::{BlockAccepted, BlockError, BlockRef, Download, DownloadConfig, PRIORITY_MAX, PRIORITY_NORMAL};
-pub use picker::{PickerError, PiecePicker, PieceState};
+pub use picker::{PickPolicy, PickerError, PiecePicker, PieceState};
 
 /// A small per-file index for a connected peer, assigned by the exchange,
 /// so per-peer state lives in vectors rather than maps.

@@ -84,6 +84,24 @@ fn is_complete_bitfield(packed: &[u8], spare_bits: u32) -> bool {
     full_words && words.remainder().iter().all(|&b| b == 0xff) && last == 0xffu8 << spare_bits
 }
 
+/// How [`PiecePicker::pick`] chooses among the free pieces a peer has.
+///
+/// Rarest-first is the protocol's policy; the others exist so scenarios can
+/// measure it against the classic alternatives (`slow-seed`). They scan the
+/// peer's pieces, O(pieces) per pick, which is fine for experiments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PickPolicy {
+    /// Least available first; ties to the seeded order (module docs).
+    #[default]
+    RarestFirst,
+    /// Uniformly random among the peer's free pieces: the first in a seeded
+    /// permutation fixed for the download, availability ignored.
+    Random,
+    /// Lowest index first (a streaming player's order).
+    Sequential,
+}
+
 /// Steps a pick always scans before considering the peer's own pieces.
 const SCAN_STEPS_MIN: u32 = 32;
 /// `index_of` value of a piece that is not free.
@@ -121,6 +139,9 @@ pub struct PiecePicker {
     wanted: HierBitset,
     peers: Vec<Option<Peer>>,
     peer_count: u32,
+    policy: PickPolicy,
+    /// For [`PickPolicy::Random`]: each piece's rank in a fixed permutation.
+    random_rank: Vec<u32>,
 }
 
 impl PiecePicker {
@@ -155,7 +176,28 @@ impl PiecePicker {
             wanted,
             peers: vec![None; usize::from(peers_max)],
             peer_count: 0,
+            policy: PickPolicy::RarestFirst,
+            random_rank: Vec::new(),
         }
+    }
+
+    /// A picker choosing by `policy` (see [`PickPolicy`]); [`Self::new`] is
+    /// rarest-first. Availability is tracked whatever the policy.
+    pub fn with_policy(piece_count: u32, peers_max: u16, policy: PickPolicy, rng: &mut impl Rng) -> Self {
+        let mut picker = Self::new(piece_count, peers_max, rng);
+        picker.policy = policy;
+        if policy == PickPolicy::Random {
+            // The seeded tie order is itself a uniform permutation; freeze it
+            // before HAVEs start moving pieces between buckets.
+            picker.random_rank = picker.index_of.clone();
+        }
+        picker
+    }
+
+    /// The policy [`Self::pick`] applies.
+    #[must_use]
+    pub fn policy(&self) -> PickPolicy {
+        self.policy
     }
 
     /// Pieces in the file.
@@ -433,6 +475,9 @@ impl PiecePicker {
     /// seeded order. `None` if it has no free piece. Updates the peer's
     /// floor (module docs), hence `&mut self`.
     pub fn pick(&mut self, slot: PeerSlot) -> Option<PieceIndex> {
+        if self.policy != PickPolicy::RarestFirst {
+            return self.pick_ignoring_availability(slot);
+        }
         let Self { order, bucket_end, index_of, avail, state, peers, .. } = self;
         let peer = peers.get_mut(usize::from(slot.0))?.as_mut()?;
         let bits = match &peer.pieces {
@@ -472,6 +517,23 @@ impl PiecePicker {
                 None
             }
         }
+    }
+
+    /// [`PickPolicy::Random`] and [`PickPolicy::Sequential`]: the free piece
+    /// of the peer's with the lowest rank (random) or index (sequential).
+    fn pick_ignoring_availability(&self, slot: PeerSlot) -> Option<PieceIndex> {
+        let peer = self.peers.get(usize::from(slot.0))?.as_ref()?;
+        let rank = |p: u32| match self.policy {
+            PickPolicy::Random => self.random_rank[p as usize],
+            _ => p,
+        };
+        let free = |&p: &u32| self.state[p as usize] == PieceState::Free;
+        let best = match &peer.pieces {
+            PeerPieces::Seed => (0..self.piece_count).filter(free).min_by_key(|&p| rank(p)),
+            PeerPieces::Partial(None) => None,
+            PeerPieces::Partial(Some(bits)) => bits.iter().filter(free).min_by_key(|&p| rank(p)),
+        };
+        best.map(PieceIndex)
     }
 
     /// A free piece was started: it leaves the candidates.

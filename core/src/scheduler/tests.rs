@@ -55,6 +55,46 @@ fn picks_the_rarest_piece_the_peer_has() {
 }
 
 #[test]
+fn sequential_and_random_policies_ignore_availability() {
+    let with = |policy, seed| PiecePicker::with_policy(64, PEERS, policy, &mut ChaCha8Rng::seed_from_u64(seed));
+    // Peer 0 holds every even piece; peer 1 makes pieces 0..32 common, so
+    // rarest-first would take an even piece >= 32.
+    let setup = |p: &mut PiecePicker| {
+        p.add_peer(PeerSlot(0)).unwrap();
+        p.add_peer(PeerSlot(1)).unwrap();
+        p.peer_bitfield(PeerSlot(0), &packed(64, |i| i % 2 == 0)).unwrap();
+        p.peer_bitfield(PeerSlot(1), &packed(64, |i| i < 32)).unwrap();
+    };
+    let mut rarest = with(PickPolicy::RarestFirst, 1);
+    setup(&mut rarest);
+    assert!(rarest.pick(PeerSlot(0)).is_some_and(|x| x.0 >= 32 && x.0 % 2 == 0));
+
+    let mut sequential = with(PickPolicy::Sequential, 1);
+    setup(&mut sequential);
+    assert_eq!(sequential.pick(PeerSlot(0)), Some(PieceIndex(0)));
+    sequential.start(PieceIndex(0));
+    assert_eq!(sequential.pick(PeerSlot(0)), Some(PieceIndex(2)), "the next free piece it has");
+    sequential.add_peer(PeerSlot(2)).unwrap();
+    sequential.peer_has_all(PeerSlot(2)).unwrap();
+    assert_eq!(sequential.pick(PeerSlot(2)), Some(PieceIndex(1)), "a seed offers the lowest free index");
+
+    // Random: always a free piece the peer has, and the choice follows the
+    // seed (over 16 seeds, more than one distinct first pick, some < 32).
+    let mut firsts = std::collections::BTreeSet::new();
+    for seed in 0..16 {
+        let mut random = with(PickPolicy::Random, seed);
+        setup(&mut random);
+        let first = random.pick(PeerSlot(0)).unwrap();
+        assert_eq!(first.0 % 2, 0, "a piece peer 0 has");
+        random.start(first);
+        assert_ne!(random.pick(PeerSlot(0)), Some(first), "a started piece is not picked again");
+        firsts.insert(first.0);
+    }
+    assert!(firsts.len() > 4, "random picks spread: {firsts:?}");
+    assert!(firsts.iter().any(|&p| p < 32), "common pieces are picked too: {firsts:?}");
+}
+
+#[test]
 fn seeds_cost_nothing_per_piece_and_do_not_change_rarity() {
     let mut p = picker(100_000, 2);
     p.add_peer(PeerSlot(0)).unwrap();
