@@ -32,7 +32,7 @@ use std::time::Duration;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use shoal_core::exchange::{ServeBlock, StorePiece};
-use shoal_core::ids::{ConnId, FileId};
+use shoal_core::ids::{ConnId, FileId, NodeId};
 use shoal_core::manifest::FileManifest;
 use shoal_core::node::{Node, NodeEvent, NodeInput, NodeOutput};
 use shoal_core::time::Instant;
@@ -135,6 +135,11 @@ pub enum Command {
         /// The words.
         text: String,
     },
+    /// Look up the nodes closest to an id (the result arrives as an event).
+    Lookup {
+        /// The target.
+        target: NodeId,
+    },
     /// Stop the driver.
     Shutdown,
 }
@@ -216,6 +221,7 @@ impl FrameKind {
 pub struct Traffic {
     sent: [AtomicU64; 6],
     received: [AtomicU64; 6],
+    gossip_duplicates: AtomicU64,
 }
 
 impl Traffic {
@@ -233,6 +239,13 @@ impl Traffic {
     #[must_use]
     pub fn received(&self, kind: FrameKind) -> u64 {
         self.received[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Gossip copies of messages already seen, as of the driver's last
+    /// loop turn (the simulator's duplicates-per-node metric).
+    #[must_use]
+    pub fn gossip_duplicates(&self) -> u64 {
+        self.gossip_duplicates.load(Ordering::Relaxed)
     }
 }
 
@@ -402,6 +415,9 @@ impl<T: Transport> Driver<T> {
                         Some(Command::Search { text }) => {
                             node.search(now, &text);
                         }
+                        Some(Command::Lookup { target }) => {
+                            node.find_node(now, target);
+                        }
                     }
                 }
                 () = sleep => node.handle_timeout(since(shared.epoch)),
@@ -452,6 +468,7 @@ impl<T: Transport> Driver<T> {
                     _ => {}
                 }
             }
+            shared.traffic.gossip_duplicates.store(node.gossip().counters().duplicates, Ordering::Relaxed);
         }
         accept.abort();
         (counters, store)
