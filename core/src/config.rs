@@ -37,6 +37,10 @@ pub struct Config {
     pub download_peers_target: u32,
     /// See `download_peers_target`.
     pub provider_refresh_interval: Duration,
+    /// Manifest lookups a `get` makes before it reports the file not found
+    /// (a node asked to fetch right after it starts may not have joined
+    /// yet); retries back off from 1 s, doubling, up to 30 s.
+    pub manifest_lookup_attempts: u32,
     /// Kademlia limits and timings.
     pub kad: KadConfig,
     /// Gossip limits and timings.
@@ -55,6 +59,7 @@ impl Default for Config {
             providers_per_lookup_max: 32,
             download_peers_target: 8,
             provider_refresh_interval: Duration::from_secs(30),
+            manifest_lookup_attempts: 6,
             kad: KadConfig::default(),
             gossip: GossipConfig::default(),
             exchange: ExchangeConfig::default(),
@@ -88,6 +93,9 @@ impl Config {
                 value: u64::from(self.frame_bytes_max),
                 why: "must hold a 16 KiB block with its header (>= 32768)",
             });
+        }
+        if self.manifest_lookup_attempts == 0 {
+            return Err(ConfigError::OutOfRange { field: "manifest_lookup_attempts", value: 0, why: "at least 1" });
         }
         if self.connections_max == 0 {
             return Err(ConfigError::OutOfRange { field: "connections_max", value: 0, why: "at least 1" });

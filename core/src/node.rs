@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
@@ -157,7 +158,8 @@ pub enum NodeEvent {
         /// Its manifest.
         manifest: FileManifest,
     },
-    /// No valid manifest was found for a requested file.
+    /// No valid manifest was found for a requested file after
+    /// `manifest_lookup_attempts` lookups; the get is dropped.
     ManifestNotFound {
         /// The file.
         file: FileId,
@@ -173,6 +175,8 @@ pub enum NodeEvent {
     NodesFound {
         /// The id [`Node::find_node`] returned.
         id: QueryId,
+        /// What was looked up.
+        target: NodeId,
         /// The closest contacts that answered, closest first.
         closest: Vec<NodeId>,
     },
@@ -212,7 +216,21 @@ struct PendingDial {
 #[derive(Clone, Debug)]
 struct Download {
     next_provider_lookup: Option<Instant>,
+    /// A manifest lookup failed; the next try is due then.
+    next_manifest_lookup: Option<Instant>,
+    manifest_attempts: u32,
 }
+
+impl Download {
+    fn new() -> Self {
+        Self { next_provider_lookup: None, next_manifest_lookup: None, manifest_attempts: 0 }
+    }
+}
+
+/// First wait before a failed manifest lookup is retried.
+const MANIFEST_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Longest wait between manifest lookups.
+const MANIFEST_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug)]
 enum Purpose {
@@ -220,7 +238,7 @@ enum Purpose {
     Providers(FileId),
     Publish,
     Search,
-    FindNode,
+    FindNode(NodeId),
 }
 
 #[cfg(test)]
@@ -335,7 +353,8 @@ impl Node {
     /// Earliest deadline of any machine.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let downloads = self.downloads.values().filter_map(|d| d.next_provider_lookup);
+        let downloads =
+            self.downloads.values().flat_map(|d| [d.next_provider_lookup, d.next_manifest_lookup]).flatten();
         [self.kad.poll_timeout(), self.gossip.poll_timeout(), self.exchange.poll_timeout()]
             .into_iter()
             .flatten()
@@ -354,6 +373,15 @@ impl Node {
             .filter(|(_, d)| d.next_provider_lookup.is_some_and(|at| at <= now))
             .map(|(&f, _)| f)
             .collect();
+        let retries: Vec<FileId> = self
+            .downloads
+            .iter()
+            .filter(|(_, d)| d.next_manifest_lookup.is_some_and(|at| at <= now))
+            .map(|(&f, _)| f)
+            .collect();
+        for file in retries {
+            self.find_manifest(now, file);
+        }
         for file in due {
             // Checked when the timer fires, not when it was set: peers come
             // and go (a partition closes every link) while a download runs.
@@ -431,7 +459,7 @@ impl Node {
     ) {
         let Ok(file) = manifest.validate() else { return };
         self.exchange.handle_input(now, ExchangeInput::Download { manifest, piece_hashes, have });
-        self.downloads.insert(file, Download { next_provider_lookup: None });
+        self.downloads.insert(file, Download::new());
         if self.announced {
             self.announce_provider(now, file, false);
             self.find_providers(now, file);
@@ -444,9 +472,8 @@ impl Node {
         if self.downloads.contains_key(&file) || self.exchange.progress(&file).is_some() {
             return;
         }
-        self.downloads.insert(file, Download { next_provider_lookup: None });
-        let q = self.kad.get_manifest(now, file);
-        self.queries.insert(q, Purpose::Manifest(file));
+        self.downloads.insert(file, Download::new());
+        self.find_manifest(now, file);
         self.drain(now);
     }
 
@@ -463,7 +490,7 @@ impl Node {
     /// probes); the answer comes as [`NodeEvent::NodesFound`].
     pub fn find_node(&mut self, now: Instant, target: NodeId) -> QueryId {
         let q = self.kad.find_node(now, target.0);
-        self.queries.insert(q, Purpose::FindNode);
+        self.queries.insert(q, Purpose::FindNode(target));
         self.drain(now);
         q
     }
@@ -614,6 +641,14 @@ impl Node {
         }
     }
 
+    fn find_manifest(&mut self, now: Instant, file: FileId) {
+        let Some(download) = self.downloads.get_mut(&file) else { return };
+        download.next_manifest_lookup = None;
+        download.manifest_attempts += 1;
+        let q = self.kad.get_manifest(now, file);
+        self.queries.insert(q, Purpose::Manifest(file));
+    }
+
     fn find_providers(&mut self, now: Instant, file: FileId) {
         let Some(download) = self.downloads.get_mut(&file) else { return };
         download.next_provider_lookup = None;
@@ -705,7 +740,7 @@ impl Node {
             Purpose::Providers(_) => LookupKind::Providers,
             Purpose::Publish => LookupKind::Publish,
             Purpose::Search => LookupKind::Search,
-            Purpose::FindNode => LookupKind::FindNode,
+            Purpose::FindNode(_) => LookupKind::FindNode,
         };
         self.out.push_back(NodeOutput::Event(NodeEvent::Lookup { kind, stats }));
         match (purpose, result) {
@@ -722,8 +757,20 @@ impl Node {
                 self.find_providers(now, file);
             }
             (Purpose::Manifest(file), _) => {
-                self.downloads.remove(&file);
-                self.out.push_back(NodeOutput::Event(NodeEvent::ManifestNotFound { file }));
+                let attempts_max = self.config.manifest_lookup_attempts;
+                match self.downloads.get_mut(&file) {
+                    Some(download) if download.manifest_attempts < attempts_max => {
+                        let doublings = download.manifest_attempts.saturating_sub(1).min(16);
+                        let wait = MANIFEST_RETRY_INITIAL.saturating_mul(1 << doublings).min(MANIFEST_RETRY_MAX);
+                        download.next_manifest_lookup = Some(now + wait);
+                    }
+                    Some(_) => {
+                        self.downloads.remove(&file);
+                        self.out.push_back(NodeOutput::Event(NodeEvent::ManifestNotFound { file }));
+                    }
+                    // Removed while the lookup ran.
+                    None => {}
+                }
             }
             (Purpose::Providers(file), QueryResult::GetProviders { providers }) => {
                 for provider in providers.into_iter().take(self.config.providers_per_lookup_max as usize) {
@@ -743,9 +790,9 @@ impl Node {
                 let entries = merged.into_values().collect();
                 self.out.push_back(NodeOutput::Event(NodeEvent::SearchResults { id, entries }));
             }
-            (Purpose::FindNode, QueryResult::FindNode { closest }) => {
+            (Purpose::FindNode(target), QueryResult::FindNode { closest }) => {
                 let closest = closest.into_iter().map(|c| c.id).collect();
-                self.out.push_back(NodeOutput::Event(NodeEvent::NodesFound { id, closest }));
+                self.out.push_back(NodeOutput::Event(NodeEvent::NodesFound { id, target, closest }));
             }
             _ => {}
         }

@@ -237,6 +237,35 @@ fn search_finds_files_by_the_words_of_their_names() {
     assert_eq!(names, ["Ubuntu 24.04 desktop amd64.iso", "ubuntu-server.iso"]);
 }
 
+/// A get for a file nobody has retries its manifest lookup with backoff,
+/// then reports it missing once.
+#[test]
+fn a_missing_manifest_is_retried_then_reported_once() {
+    let mut net = network(12, 4);
+    net.run_for(Duration::from_secs(5));
+    let missing = FileId([0x5a; 32]);
+    let asked = net.with_node(3, |host, now| {
+        host.node.get(now, missing);
+        host.pump(now);
+        now
+    });
+    net.run_for(Duration::from_secs(120));
+    let events = &net.node(3).events;
+    let lookups = events
+        .iter()
+        .filter(|(at, e)| *at >= asked && matches!(e, NodeEvent::Lookup { kind: LookupKind::Manifest, .. }))
+        .count();
+    let missing_at: Vec<Instant> = events
+        .iter()
+        .filter(|(_, e)| matches!(e, NodeEvent::ManifestNotFound { file } if *file == missing))
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(lookups, 6, "one lookup per attempt");
+    assert_eq!(missing_at.len(), 1, "reported once");
+    // Waits of 1 + 2 + 4 + 8 + 16 s between the six attempts.
+    assert!(missing_at[0] - asked >= Duration::from_secs(31), "{:?}", missing_at[0] - asked);
+}
+
 #[test]
 fn find_node_reports_the_closest_live_nodes() {
     let mut net = network(30, 3);
@@ -253,7 +282,9 @@ fn find_node_reports_the_closest_live_nodes() {
         .events
         .iter()
         .find_map(|(_, e)| match e {
-            NodeEvent::NodesFound { id: got, closest } if *got == id => Some(closest.clone()),
+            NodeEvent::NodesFound { id: got, target: t, closest } if *got == id && *t == target => {
+                Some(closest.clone())
+            }
             _ => None,
         })
         .expect("lookup finished");
