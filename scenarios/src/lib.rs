@@ -1,5 +1,11 @@
-//! Shoal scenarios: the engine-neutral scenario format, the named catalog,
-//! and the `shoal-sim` runner (run, sweep, reports). Built by the scenarios
-//! issue; this crate currently only fixes its place in the workspace.
+//! Shoal scenarios: the TOML scenario format ([`spec`]), the named
+//! [`catalog`], the runner behind `shoal-sim` ([`runner`]), seed sweeps
+//! ([`sweep`]) and the HTML report ([`report`]).
 
 pub use shoal_sim as sim;
+
+pub mod catalog;
+pub mod report;
+pub mod runner;
+pub mod spec;
+pub mod sweep;

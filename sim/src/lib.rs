@@ -13,20 +13,28 @@ pub mod summary;
 pub mod transport;
 pub mod turmoil_engine;
 
-use model::{EngineKind, Scenario};
+use model::{EngineKind, Plan, Scenario};
 use observe::Outcome;
 use summary::Summary;
 
+/// A finished run: what was planned, what happened, what it means.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// The plan both engines follow.
+    pub plan: Plan,
+    /// What the engine observed.
+    pub outcome: Outcome,
+    /// Metrics and checks.
+    pub summary: Summary,
+}
+
 /// Plan and run a scenario on its engine, and summarize it.
-pub fn run(
-    scenario: &Scenario,
-    progress: Option<&mut dyn FnMut(turmoil_engine::Progress)>,
-) -> Result<(Outcome, Summary), String> {
+pub fn run(scenario: &Scenario, progress: Option<&mut dyn FnMut(turmoil_engine::Progress)>) -> Result<Run, String> {
     let plan = scenario.plan()?;
     let outcome = match scenario.engine {
         EngineKind::Turmoil => turmoil_engine::run(scenario, &plan, progress)?,
         EngineKind::Des => return Err("the des engine has not landed yet".into()),
     };
     let summary = summary::summarize(scenario, &plan, &outcome);
-    Ok((outcome, summary))
+    Ok(Run { plan, outcome, summary })
 }

@@ -11,7 +11,8 @@ use shoal_sim::summary::Summary;
 const MIB: u64 = 1024 * 1024;
 
 fn run(scenario: &Scenario) -> (Outcome, Summary) {
-    shoal_sim::run(scenario, None).unwrap()
+    let run = shoal_sim::run(scenario, None).unwrap();
+    (run.outcome, run.summary)
 }
 
 fn small(seed: u64) -> Scenario {
