@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_scenarios::catalog;
 use shoal_scenarios::runner::{self, Options};
-use shoal_scenarios::sweep::{self, SweepFile};
 use shoal_scenarios::sim::model::EngineKind;
+use shoal_scenarios::sweep::{self, SweepFile};
 
 /// Deterministic Shoal scenarios: the same scenario and seed always give
 /// the same run (and the same trace hash).

@@ -184,7 +184,12 @@ pub fn aggregate(file: &SweepFile) -> (String, bool) {
     }
     for r in file.results.iter().filter(|r| !r.ok) {
         let why = r.error.clone().unwrap_or_else(|| r.failed.join("; "));
-        let _ = writeln!(out, "failed seed {}: {why}\n  replay: {}", r.seed, replay_command(&file.scenario, &file.args, r.seed));
+        let _ = writeln!(
+            out,
+            "failed seed {}: {why}\n  replay: {}",
+            r.seed,
+            replay_command(&file.scenario, &file.args, r.seed)
+        );
     }
     (out, ok == n)
 }

@@ -485,6 +485,7 @@ impl Exchange {
         match result {
             Ok(swarm::After::Nothing) => {}
             Ok(swarm::After::PeerInterested) => self.unchoke_if_slot_free(now, file, slot),
+            Ok(swarm::After::SlotFreed) => self.fill_free_slots(),
             Ok(swarm::After::Banned(banned)) => {
                 self.out.push_back(ExchangeOutput::Event(ExchangeEvent::PeerBanned { file, node: banned.1 }));
                 self.end_session(now, banned.0, file, GoodbyeReason::Banned);
@@ -511,6 +512,7 @@ impl Exchange {
             self.out.push_back(ExchangeOutput::Disconnect { conn, reason });
             self.conns.remove(&conn);
         }
+        self.fill_free_slots();
     }
 
     fn close_conn(&mut self, now: Instant, conn: ConnId) {
@@ -520,6 +522,7 @@ impl Exchange {
                 swarm.remove_peer(now, slot, &mut self.out);
             }
         }
+        self.fill_free_slots();
     }
 
     fn unchoked_count(&self) -> usize {
@@ -534,6 +537,27 @@ impl Exchange {
             && let Some(swarm) = self.swarms.get_mut(&file)
         {
             swarm.set_choking(slot, false, &mut self.out);
+        }
+    }
+
+    /// Give free upload slots to interested peers we choke, chosen at
+    /// random (a peer that completed or left frees its slot at once; the
+    /// next rechoke ranks everyone again).
+    fn fill_free_slots(&mut self) {
+        let slots = (self.config.upload_slots + self.config.optimistic_unchoke_slots) as usize;
+        let mut free = slots.saturating_sub(self.unchoked_count());
+        if free == 0 {
+            return;
+        }
+        let mut waiting: Vec<(FileId, PeerSlot)> =
+            self.swarms.iter().flat_map(|(&file, swarm)| swarm.waiting_for_slot().map(move |s| (file, s))).collect();
+        while free > 0 && !waiting.is_empty() {
+            let i = rand::RngExt::random_range(&mut self.rng, 0..waiting.len());
+            let (file, slot) = waiting.swap_remove(i);
+            if let Some(swarm) = self.swarms.get_mut(&file) {
+                swarm.set_choking(slot, false, &mut self.out);
+                free -= 1;
+            }
         }
     }
 

@@ -20,6 +20,9 @@ pub(super) enum After {
     Nothing,
     /// The peer became interested: it may get a free upload slot.
     PeerInterested,
+    /// An unchoked peer lost interest: its upload slot serves nobody and
+    /// is free for a waiting peer.
+    SlotFreed,
     /// These peers reached the strike limit.
     Banned((ConnId, NodeId)),
 }
@@ -183,8 +186,9 @@ impl Swarm {
         self.sessions.iter().flatten().count()
     }
 
+    /// Upload slots in use: unchoked peers that want something from us.
     pub(super) fn unchoked_count(&self) -> usize {
-        self.sessions.iter().flatten().filter(|s| !s.am_choking).count()
+        self.sessions.iter().flatten().filter(|s| !s.am_choking && s.peer_interested).count()
     }
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
@@ -294,6 +298,13 @@ impl Swarm {
         session.choked_requests = 0;
         let message = if choking { ExchangeMessage::Choke { file } } else { ExchangeMessage::Unchoke { file } };
         self.send(out, slot, message);
+    }
+
+    /// Interested peers we choke: who a freed upload slot can go to.
+    pub(super) fn waiting_for_slot(&self) -> impl Iterator<Item = PeerSlot> + '_ {
+        self.sessions.iter().enumerate().filter_map(|(index, session)| {
+            session.as_ref().filter(|s| s.peer_interested && s.am_choking).map(|_| PeerSlot(index as u16))
+        })
     }
 
     /// `(slot, score, optimistic)` of every interested peer, and reset the
@@ -606,7 +617,16 @@ impl Swarm {
                     return Ok(After::PeerInterested);
                 }
             }
-            ExchangeMessage::NotInterested { .. } => session.peer_interested = false,
+            ExchangeMessage::NotInterested { .. } => {
+                session.peer_interested = false;
+                // Its upload slot serves nobody now (a peer that completed):
+                // hand it on at once rather than at the next rechoke. The
+                // peer stays unchoked, so blocks in flight still count and
+                // renewed interest needs no new round trip.
+                if !session.am_choking {
+                    return Ok(After::SlotFreed);
+                }
+            }
             ExchangeMessage::Choke { .. } => {
                 if let Some(download) = &mut self.download {
                     download.set_choked(slot, true);

@@ -373,6 +373,34 @@ fn rechoke_rewards_the_fastest_uploaders() {
     assert!(unchoked.contains(&1) ^ unchoked.contains(&2), "one optimistic slot among the slowest: {unchoked:?}");
 }
 
+/// A peer that loses interest (it completed) frees its upload slot at
+/// once: a waiting peer is unchoked without waiting for the rechoke.
+#[test]
+fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
+    let (_, content, manifest) = test_file(64, 4);
+    let file = content.file_id;
+    let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
+    let mut probe =
+        Probe { exchange: Exchange::new(config, [8; 32]), choking: Default::default(), requests: Vec::new() };
+    let t0 = Instant::ZERO;
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
+    for peer in 1..=3u64 {
+        let conn = ConnId(peer);
+        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+    }
+    assert_eq!(probe.unchoked(), vec![1], "one slot, taken by the first interested peer");
+    let t1 = t0 + Duration::from_secs(1);
+    probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::NotInterested { file } });
+    let unchoked = probe.unchoked();
+    assert_eq!(unchoked.len(), 2, "peer 1 keeps its unchoke, a waiting peer gets the slot: {unchoked:?}");
+    assert!(unchoked.contains(&2) ^ unchoked.contains(&3), "{unchoked:?}");
+    assert!(probe.exchange.poll_timeout().is_some_and(|t| t > t1), "no rechoke was due");
+    // Renewed interest does not take a slot that is in use.
+    probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::Interested { file } });
+    assert_eq!(probe.unchoked().len(), 2);
+}
+
 /// A manifest without hashes: leechers fetch them in proven batches (from
 /// the seed and from each other) before any block; a peer serving forged
 /// batches is disconnected and nobody is misled.
