@@ -282,6 +282,14 @@ impl Swarm {
         self.refill_all(now, out);
     }
 
+    /// Whether the peer at `slot` announced every piece.
+    fn peer_is_seed(&self, slot: PeerSlot) -> bool {
+        self.download.as_ref().is_some_and(|d| {
+            let picker = d.picker();
+            picker.is_seed(slot) || picker.peer_piece_count(slot) == picker.piece_count()
+        })
+    }
+
     pub(super) fn block_sent(&mut self, slot: PeerSlot) {
         if let Some(session) = self.session_mut(slot) {
             session.queued_serves = session.queued_serves.saturating_sub(1);
@@ -799,7 +807,14 @@ impl Swarm {
             self.set_have(piece);
             for index in 0..self.sessions.len() {
                 let slot = PeerSlot(index as u16);
-                self.send(out, slot, ExchangeMessage::Have { file, piece });
+                // A seed has no use for the HAVE: skipping it saves most HAVE
+                // traffic once seeds abound (libtorrent's
+                // `send_redundant_have = false`). Partial holders still get
+                // it: a super seed (BEP 16) learns from HAVEs which pieces
+                // spread.
+                if !self.peer_is_seed(slot) {
+                    self.send(out, slot, ExchangeMessage::Have { file, piece });
+                }
                 self.update_interest(slot, out);
             }
             if complete {

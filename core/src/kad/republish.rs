@@ -145,14 +145,23 @@ impl Kademlia {
     }
 
     /// Kademlia §2.5: a node that learns of a new contact stores to it the
-    /// records it is now among the k closest for.
+    /// records it is now among the k closest for, but only where this node
+    /// is the closest holder it knows of, "to avoid redundant store RPCs for
+    /// the same content from different nodes" (the paper's own rule;
+    /// without it all k holders push every record to every newcomer).
     pub(super) fn replicate_to_newcomer(&mut self, now: Instant, newcomer: Contact) {
         let k = self.config.bucket_size;
         let table = &self.table;
-        // The newcomer is already in the table: is it among our k closest?
+        let local = self.local.id;
+        // The newcomer is already in the table: is it among our k closest,
+        // and are we closer than every other contact?
         let is_close = |key: &RecordKey, _| {
             let d = newcomer.id.distance(key);
-            table.closest(key, k).last().is_none_or(|far| d <= far.id.distance(key))
+            let closest = table.closest(key, k);
+            let newcomer_close = closest.last().is_none_or(|far| d <= far.id.distance(key));
+            let we_are_closest =
+                closest.iter().find(|c| c.id != newcomer.id).is_none_or(|c| local.distance(key) < c.id.distance(key));
+            newcomer_close && we_are_closest
         };
         let sends = self.held_stores(now, is_close);
         for (_, request) in sends {

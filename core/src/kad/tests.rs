@@ -897,3 +897,38 @@ fn an_endless_lookup_ends_at_the_query_timeout() {
     assert_eq!(finished.duration, Duration::from_millis(config.query_timeout_ms));
     assert!(answered >= 40, "the tarpit kept it busy: {answered} answers");
 }
+
+/// Kademlia §2.5 on a newcomer: only the closest holder of a record
+/// stores it to a new contact that is among the k closest to its key.
+#[test]
+fn only_the_closest_holder_replicates_to_a_newcomer() {
+    let (manifest, file) = sample_manifest("replicated.bin", 100_000);
+    let key = file.0;
+    let near = |byte: usize, bit: u8| {
+        let mut id = key;
+        id[byte] ^= bit;
+        NodeId(id)
+    };
+    let at = |id: NodeId, port: u16| Contact { id, addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)) };
+    let t0 = Instant::ZERO;
+    let stores_to_newcomer = |local: NodeId, others: &[Contact]| {
+        let mut kad = Kademlia::new(KadConfig::default(), at(local, 1), [9; 32], t0).unwrap();
+        for &other in others {
+            kad.handle_input(t0, KadInput::Request { from: other, id: RequestId(1), request: Request::Ping });
+        }
+        let origin = at(near(0, 0x80), 2);
+        let store = Request::Store { key, record: Record::Manifest(manifest.clone()), ttl_s: 86_400 };
+        kad.handle_input(t0, KadInput::Request { from: origin, id: RequestId(2), request: store });
+        drain(&mut kad);
+        let newcomer = at(near(31, 0x02), 3);
+        kad.handle_input(t0, KadInput::Request { from: newcomer, id: RequestId(3), request: Request::Ping });
+        sends(&drain(&mut kad))
+            .into_iter()
+            .filter(|(to, _, r)| to.id == newcomer.id && matches!(r, Request::Store { .. }))
+            .count()
+    };
+    // We are the closest holder we know of: we hand the record over.
+    assert_eq!(stores_to_newcomer(near(31, 0x01), &[]), 1);
+    // A contact closer to the key than us holds it too: it sends, not us.
+    assert_eq!(stores_to_newcomer(near(31, 0x04), &[at(near(31, 0x01), 4)]), 0);
+}
