@@ -30,8 +30,8 @@ pub struct SeedResult {
     pub p50_s: f64,
     /// Lower bound, where it applies.
     pub lower_bound_s: Option<f64>,
-    /// Lookup success ratio.
-    pub lookup_success: f64,
+    /// Lookup success ratio, when the scenario looks up.
+    pub lookup_success: Option<f64>,
     /// Trace fingerprint.
     pub trace_hash: String,
     /// Wall seconds.
@@ -125,7 +125,7 @@ fn run_seed(scenario: &str, options: &Options, seed: u64) -> SeedResult {
         last_s: 0.0,
         p50_s: 0.0,
         lower_bound_s: None,
-        lookup_success: 0.0,
+        lookup_success: None,
         trace_hash: String::new(),
         wall_seconds: 0.0,
     };
@@ -142,7 +142,7 @@ fn run_seed(scenario: &str, options: &Options, seed: u64) -> SeedResult {
         last_s: s.downloads.completion_s.max,
         p50_s: s.downloads.completion_s.p50,
         lower_bound_s: s.lower_bound_s,
-        lookup_success: s.lookups.success_ratio,
+        lookup_success: (s.lookups.count > 0).then_some(s.lookups.success_ratio),
         trace_hash: s.trace_hash,
         wall_seconds: s.wall_seconds,
     }
@@ -153,11 +153,11 @@ fn seed_line(r: &SeedResult) -> String {
     match &r.error {
         Some(e) => format!("seed {:>6} {verdict} error: {e}", r.seed),
         None => format!(
-            "seed {:>6} {verdict} last {:>7.2} s  p50 {:>7.2} s  lookups {:>6.2}%  trace {}  ({:.1} s wall)",
+            "seed {:>6} {verdict} last {:>7.2} s  p50 {:>7.2} s  {}trace {}  ({:.1} s wall)",
             r.seed,
             r.last_s,
             r.p50_s,
-            r.lookup_success * 100.0,
+            r.lookup_success.map_or(String::new(), |l| format!("lookups {:.2}%  ", l * 100.0)),
             r.trace_hash.get(..12).unwrap_or(""),
             r.wall_seconds
         ),
@@ -238,7 +238,7 @@ mod tests {
             last_s: seed as f64,
             p50_s: 1.0,
             lower_bound_s: Some(1.0),
-            lookup_success: 1.0,
+            lookup_success: None,
             trace_hash: String::new(),
             wall_seconds: 0.0,
         };

@@ -592,6 +592,20 @@ impl Plan {
         self.up[host].iter().any(|&(from, until)| from <= at && until.is_none_or(|u| at < u))
     }
 
+    /// Index of the last action that gives the run work to wait for (a
+    /// share, get, search or lookup): once past it, with every download
+    /// done and every query answered, the goal is met; the churn and
+    /// partitions still planned after it do not matter.
+    #[must_use]
+    pub fn last_work_action(&self) -> usize {
+        self.actions
+            .iter()
+            .rposition(|(_, a)| {
+                matches!(a, Action::Share { .. } | Action::Get { .. } | Action::Search { .. } | Action::Lookup { .. })
+            })
+            .unwrap_or(0)
+    }
+
     /// Hosts of a class.
     pub fn class_hosts(&self, class: usize) -> impl Iterator<Item = usize> + '_ {
         self.hosts.iter().enumerate().filter(move |(_, h)| h.class == class).map(|(i, _)| i)

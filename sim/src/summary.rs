@@ -196,7 +196,8 @@ pub fn lower_bound(scenario: &Scenario, plan: &Plan) -> Option<f64> {
         .actions
         .iter()
         .filter_map(|(_, a)| match a {
-            Action::Share { host, .. } => Some(*host),
+            // Corrupt uploads deliver nothing: only honest seeders count.
+            Action::Share { host, .. } if plan.hosts[*host].behaviour == Behaviour::Honest => Some(*host),
             _ => None,
         })
         .collect();
@@ -395,15 +396,18 @@ fn lookup_metrics(plan: &Plan, outcome: &Outcome) -> Lookups {
 
 fn checks(scenario: &Scenario, plan: &Plan, outcome: &Outcome, s: &Summary) -> Vec<Check> {
     let e = &scenario.expect;
-    let mut out = vec![Check {
-        name: "downloaded data is exact".into(),
-        ok: outcome.bad_content.is_empty(),
-        detail: if outcome.bad_content.is_empty() {
-            format!("{} completed downloads hold the file's bytes", s.downloads.completed)
-        } else {
-            format!("wrong bytes at {}", outcome.bad_content.join(", "))
-        },
-    }];
+    let mut out = Vec::new();
+    if s.downloads.asked > 0 {
+        out.push(Check {
+            name: "downloaded data is exact".into(),
+            ok: outcome.bad_content.is_empty(),
+            detail: if outcome.bad_content.is_empty() {
+                format!("{} completed downloads hold the file's bytes", s.downloads.completed)
+            } else {
+                format!("wrong bytes at {}", outcome.bad_content.join(", "))
+            },
+        });
+    }
     let mut check = |name: String, ok: bool, detail: String| out.push(Check { name, ok, detail });
     if let Some(within) = e.downloads_complete_within {
         let ok = s.downloads.completed == s.downloads.asked && s.downloads.completion_s.max <= within.0.as_secs_f64();

@@ -217,6 +217,7 @@ pub fn run(
     let goal = plan.gets.len();
     let answers_due =
         plan.actions.iter().filter(|(_, a)| matches!(a, Action::Lookup { .. } | Action::Search { .. })).count();
+    let last_work = plan.last_work_action();
     let mut next = 0;
     let mut next_progress = Duration::ZERO;
     loop {
@@ -238,7 +239,7 @@ pub fn run(
             report(Progress { sim_time: now, deadline: plan.duration, completed, downloads: goal });
         }
         let work = goal > 0 || answers_due > 0;
-        let done = work && next == plan.actions.len() && completed >= goal && answered >= answers_due;
+        let done = work && next > last_work && completed >= goal && answered >= answers_due;
         if done || now >= plan.duration {
             break;
         }
