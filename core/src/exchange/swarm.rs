@@ -282,12 +282,9 @@ impl Swarm {
         self.refill_all(now, out);
     }
 
-    /// Whether the peer at `slot` announced every piece.
-    fn peer_is_seed(&self, slot: PeerSlot) -> bool {
-        self.download.as_ref().is_some_and(|d| {
-            let picker = d.picker();
-            picker.is_seed(slot) || picker.peer_piece_count(slot) == picker.piece_count()
-        })
+    /// Whether the peer at `slot` announced `piece` (or every piece).
+    fn peer_holds(&self, slot: PeerSlot, piece: PieceIndex) -> bool {
+        self.download.as_ref().is_some_and(|d| d.picker().peer_has(slot, piece))
     }
 
     pub(super) fn block_sent(&mut self, slot: PeerSlot) {
@@ -800,19 +797,20 @@ impl Swarm {
         let Some(download) = &mut self.download else { return After::Nothing };
         if hash_piece(&buffer) == self.hashes[piece.0 as usize] {
             stats.pieces_verified += 1;
-            download.piece_passed(piece);
+            let senders = download.piece_passed(piece);
             let complete = download.is_complete();
             out.push_back(ExchangeOutput::StorePiece(StorePiece { file, piece, data: Bytes::from(buffer) }));
             out.push_back(ExchangeOutput::Event(ExchangeEvent::PieceVerified { file, piece }));
             self.set_have(piece);
             for index in 0..self.sessions.len() {
                 let slot = PeerSlot(index as u16);
-                // A seed has no use for the HAVE: skipping it saves most HAVE
-                // traffic once seeds abound (libtorrent's
-                // `send_redundant_have = false`). Partial holders still get
-                // it: a super seed (BEP 16) learns from HAVEs which pieces
-                // spread.
-                if !self.peer_is_seed(slot) {
+                // A peer that holds the piece has no use for the HAVE (it
+                // only feeds the availability of pieces one lacks): skipping
+                // it saves about half the HAVE traffic of a flash crowd
+                // (libtorrent's `send_redundant_have = false`). Those who
+                // sent the piece still hear of it: a super seed (BEP 16)
+                // reveals more to a peer once it announces what it got.
+                if !self.peer_holds(slot, piece) || senders.contains(&slot) {
                     self.send(out, slot, ExchangeMessage::Have { file, piece });
                 }
                 self.update_interest(slot, out);

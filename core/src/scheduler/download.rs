@@ -639,9 +639,12 @@ impl Download {
         true
     }
 
-    /// The piece hashed correctly and is being stored.
-    pub fn piece_passed(&mut self, piece: PieceIndex) {
+    /// The piece hashed correctly and is being stored; returns the peers
+    /// that sent its blocks.
+    pub fn piece_passed(&mut self, piece: PieceIndex) -> Vec<PeerSlot> {
+        let mut contributors = Vec::new();
         if let Some(partial) = self.partials.remove(&piece) {
+            contributors = partial.contributors;
             self.unverified_bytes -= u64::from(self.layout.piece_len(piece));
             if let Some(owner) = partial.owner
                 && let Some(state) = self.peers[usize::from(owner.0)].as_mut()
@@ -651,6 +654,7 @@ impl Download {
         }
         // An index past the end was rejected when the block was validated.
         let _ = self.picker.complete(piece);
+        contributors
     }
 
     /// The piece failed its hash: discard it, fetch it again from someone
