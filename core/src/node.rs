@@ -367,18 +367,10 @@ impl Node {
         self.kad.handle_timeout(now);
         self.gossip.handle_timeout(now);
         self.exchange.handle_timeout(now);
-        let due: Vec<FileId> = self
-            .downloads
-            .iter()
-            .filter(|(_, d)| d.next_provider_lookup.is_some_and(|at| at <= now))
-            .map(|(&f, _)| f)
-            .collect();
-        let retries: Vec<FileId> = self
-            .downloads
-            .iter()
-            .filter(|(_, d)| d.next_manifest_lookup.is_some_and(|at| at <= now))
-            .map(|(&f, _)| f)
-            .collect();
+        let due = |timer: fn(&Download) -> Option<Instant>| -> Vec<FileId> {
+            self.downloads.iter().filter(|(_, d)| timer(d).is_some_and(|at| at <= now)).map(|(&f, _)| f).collect()
+        };
+        let (retries, due) = (due(|d| d.next_manifest_lookup), due(|d| d.next_provider_lookup));
         for file in retries {
             self.find_manifest(now, file);
         }

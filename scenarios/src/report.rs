@@ -40,6 +40,36 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// One line series of a [`lines`] chart.
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+}
+
+/// A chart of line series with a legend.
+fn lines(caption: &str, x: (f64, &str), y: (f64, &str), series: Vec<Series>) -> Chart {
+    svg(|root| {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..x.0, 0.0..y.0)
+            .map_err(err)?;
+        chart.configure_mesh().x_desc(x.1).y_desc(y.1).draw().map_err(err)?;
+        for Series { name, points, color } in series {
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
+        Ok(())
+    })
+}
+
 /// Completion CDF against the lower bound.
 fn completion_cdf(plan: &Plan, summary: &Summary, outcome: &Outcome) -> Chart {
     let asks: BTreeMap<(u32, u16), f64> =
@@ -57,35 +87,20 @@ fn completion_cdf(plan: &Plan, summary: &Summary, outcome: &Outcome) -> Chart {
     let asked = asks.len().max(1) as f64;
     let bound = summary.lower_bound_s;
     let x_max = times.last().copied().unwrap_or(1.0).max(bound.unwrap_or(0.0)) * 1.05 + 0.1;
-    svg(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Download completion (CDF, seconds after asking)", ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0.0..x_max, 0.0..1.0)
-            .map_err(err)?;
-        chart.configure_mesh().x_desc("seconds").y_desc("fraction done").draw().map_err(err)?;
-        let mut points = vec![(0.0, 0.0)];
-        for (i, t) in times.iter().enumerate() {
-            points.push((*t, i as f64 / asked));
-            points.push((*t, (i + 1) as f64 / asked));
-        }
-        chart
-            .draw_series(LineSeries::new(points, PALETTE[0].stroke_width(2)))
-            .map_err(err)?
-            .label("completed")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[0].stroke_width(2)));
-        if let Some(b) = bound {
-            chart
-                .draw_series(LineSeries::new(vec![(b, 0.0), (b, 1.0)], PALETTE[3].stroke_width(2)))
-                .map_err(err)?
-                .label(format!("Kumar-Ross bound {b:.2} s"))
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[3].stroke_width(2)));
-        }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
-        Ok(())
-    })
+    let mut points = vec![(0.0, 0.0)];
+    for (i, t) in times.iter().enumerate() {
+        points.push((*t, i as f64 / asked));
+        points.push((*t, (i + 1) as f64 / asked));
+    }
+    let mut series = vec![Series { name: "completed".into(), points, color: PALETTE[0] }];
+    if let Some(b) = bound {
+        series.push(Series {
+            name: format!("Kumar-Ross bound {b:.2} s"),
+            points: vec![(b, 0.0), (b, 1.0)],
+            color: PALETTE[3],
+        });
+    }
+    lines("Download completion (CDF, seconds after asking)", (x_max, "seconds"), (1.0, "fraction done"), series)
 }
 
 /// Cumulative verified pieces per host class over time.
@@ -101,28 +116,17 @@ fn pieces_by_class(scenario: &Scenario, plan: &Plan, outcome: &Outcome) -> Chart
         }
     }
     let y_max = counts.iter().copied().fold(1.0, f64::max) * 1.05;
-    svg(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Pieces verified over time, by host class", ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0.0..end, 0.0..y_max)
-            .map_err(err)?;
-        chart.configure_mesh().x_desc("simulated seconds").y_desc("pieces").draw().map_err(err)?;
-        for (i, class) in scenario.hosts.iter().enumerate() {
+    let series = scenario
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, class)| {
             let mut points = thin(&series[i]);
             points.push((end, counts[i]));
-            let color = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(err)?
-                .label(class.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
-        Ok(())
-    })
+            Series { name: class.name.clone(), points, color: PALETTE[i % PALETTE.len()] }
+        })
+        .collect();
+    lines("Pieces verified over time, by host class", (end, "simulated seconds"), (y_max, "pieces"), series)
 }
 
 /// Keep at most `SAMPLES` points of a step series, the last always.
@@ -185,26 +189,12 @@ fn availability(plan: &Plan, outcome: &Outcome) -> Option<Chart> {
     }
     let end = outcome.sim_time.as_secs_f64().max(0.001);
     let y_max = mean_line.last().map_or(1.0, |p| p.1).max(1.0) * 1.1;
-    Some(svg(|root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(format!("Piece availability of {} (copies per piece)", file.name), ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0.0..end, 0.0..y_max)
-            .map_err(err)?;
-        chart.configure_mesh().x_desc("simulated seconds").y_desc("copies").draw().map_err(err)?;
-        for (i, (name, line)) in [("minimum", &min_line), ("mean", &mean_line)].into_iter().enumerate() {
-            let color = PALETTE[i];
-            chart
-                .draw_series(LineSeries::new(thin(line), color.stroke_width(2)))
-                .map_err(err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(err)?;
-        Ok(())
-    }))
+    let series = vec![
+        Series { name: "minimum".into(), points: thin(&min_line), color: PALETTE[0] },
+        Series { name: "mean".into(), points: thin(&mean_line), color: PALETTE[1] },
+    ];
+    let caption = format!("Piece availability of {} (copies per piece)", file.name);
+    Some(lines(&caption, (end, "simulated seconds"), (y_max, "copies"), series))
 }
 
 /// How many node lookups took each number of rounds.
