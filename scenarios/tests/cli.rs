@@ -168,3 +168,47 @@ fn slow_seed_policies_compare() {
     assert!(superseed <= 1.15 * bound, "super seeding {superseed} vs bound {bound}");
     assert!(superseed < rarest, "super seeding {superseed} vs plain {rarest}");
 }
+
+/// A sweep split in two shards, merged: every seed once, a line per seed,
+/// and a failing seed's replay command (forced by an impossible
+/// expectation).
+#[test]
+fn sharded_sweeps_merge_and_name_replay_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("small.toml"), SMALL).unwrap();
+    let set = "expect.downloads_complete_within=0.001";
+    for shard in ["0/2", "1/2"] {
+        let out_file = format!("shard{}.json", &shard[..1]);
+        let out = shoal_sim(
+            &[
+                "sweep",
+                "small.toml",
+                "--seeds",
+                "1..3",
+                "--shard",
+                shard,
+                "--jobs",
+                "1",
+                "--set",
+                set,
+                "--out",
+                &out_file,
+            ],
+            dir.path(),
+        );
+        assert_eq!(out.status.code(), Some(1), "every seed fails the impossible expectation");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines = text.lines().filter(|l| l.starts_with("seed ")).count();
+        assert_eq!(lines, if shard == "0/2" { 1 } else { 2 }, "seed 2 in shard 0, seeds 1 and 3 in shard 1: {text}");
+    }
+    let out = shoal_sim(&["merge", "shard0.json", "shard1.json"], dir.path());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text.contains("0/3 seeds passed"), "{text}");
+    for seed in 1..=3 {
+        let replay = format!("replay: shoal-sim run small.toml --seed {seed} --set {set}");
+        assert!(text.contains(&replay), "{replay} in {text}");
+    }
+    let out = shoal_sim(&["merge", "shard0.json", "shard0.json"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "a seed in two shards is refused");
+}
