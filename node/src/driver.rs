@@ -25,26 +25,30 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
+use shoal_core::content::{BLOCK_BYTES, PieceHash};
 use shoal_core::exchange::{ServeBlock, StorePiece};
-use shoal_core::ids::{ConnId, FileId, NodeId};
+use shoal_core::ids::{ConnId, FileId, NodeId, PieceIndex};
+use shoal_core::kad::QueryId;
 use shoal_core::manifest::FileManifest;
-use shoal_core::node::{Node, NodeEvent, NodeInput, NodeOutput};
+use shoal_core::node::{LookupKind, Node, NodeEvent, NodeInput, NodeOutput};
 use shoal_core::time::Instant;
-use shoal_core::wire::{ExchangeMessage, GoodbyeReason, Message};
-use tokio::sync::{Mutex, mpsc};
+use shoal_core::wire::{ExchangeMessage, GoodbyeReason, KeywordEntry, Message};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::control::{CommandError, FileState, FileView, LookupLine, NodeStatus, PeerView, PieceRead, TrafficLine};
 use crate::framing::{FrameReader, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
-use crate::store::Store;
+use crate::store::{FileStatus, Store};
 use crate::transport::{Listener, Transport};
 
 /// Driver limits and timings.
@@ -77,6 +81,15 @@ pub struct DriverConfig {
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
     pub max_download_bytes_per_s: Option<u64>,
+    /// Searches waiting for their results on behalf of a [`Command::SearchFor`]
+    /// (each holds a reply channel until the DHT lookup ends).
+    pub searches_waiting_max: usize,
+    /// Hits returned to one [`Command::SearchFor`].
+    pub search_results_max: usize,
+    /// Requested files whose manifest is being looked up or was not found,
+    /// remembered for progress queries; the oldest failure is forgotten
+    /// first.
+    pub gets_tracked_max: usize,
 }
 
 impl DriverConfig {
@@ -96,6 +109,9 @@ impl DriverConfig {
             inbound_queue_frames_max: 4096,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
+            searches_waiting_max: 16,
+            search_results_max: 100,
+            gets_tracked_max: 1024,
         }
     }
 }
@@ -142,6 +158,80 @@ pub enum Command {
     },
     /// Stop the driver.
     Shutdown,
+    /// The node's state and counters.
+    Status {
+        /// Where the answer goes.
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    /// The open peer connections.
+    Peers {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<PeerView>>,
+    },
+    /// Every file in the store or requested.
+    Files {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<FileView>>,
+    },
+    /// One file's manifest and progress (`None`: unknown here).
+    File {
+        /// The file.
+        file: FileId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Option<FileView>>,
+    },
+    /// Share a complete local file, already chunked and hashed by the
+    /// caller (hashing must not run on the driver loop).
+    ShareLocal {
+        /// The file's path.
+        path: PathBuf,
+        /// Its manifest.
+        manifest: FileManifest,
+        /// Its piece hashes.
+        piece_hashes: Vec<PieceHash>,
+        /// The file id, or why not.
+        reply: oneshot::Sender<Result<FileId, CommandError>>,
+    },
+    /// Fetch a file by id (as [`Command::Get`]) and say where it stands.
+    Fetch {
+        /// The file.
+        file: FileId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<FileView>,
+    },
+    /// Stop serving and fetching a file and delete what the store made for
+    /// it (a shared original is never deleted).
+    Remove {
+        /// The file.
+        file: FileId,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// Search by name and answer with the hits (at most
+    /// `search_results_max`).
+    SearchFor {
+        /// The words.
+        text: String,
+        /// The hits, or why not.
+        reply: oneshot::Sender<Result<Vec<KeywordEntry>, CommandError>>,
+    },
+    /// Fetch pieces from `from` on first, in order (`cat`, Range reads);
+    /// `None` returns to rarest first.
+    Stream {
+        /// The file.
+        file: FileId,
+        /// The first piece wanted.
+        from: Option<PieceIndex>,
+    },
+    /// Read one verified piece from the store.
+    ReadPiece {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// The bytes, or why not.
+        reply: oneshot::Sender<PieceRead>,
+    },
 }
 
 /// Called with every node event and the time it happened.
@@ -281,6 +371,9 @@ struct Shared<T> {
     upload: Mutex<TokenBucket>,
     download: Mutex<TokenBucket>,
     traffic: Arc<Traffic>,
+    /// Pieces stored since start: readers waiting for a piece (streaming)
+    /// wake on every change.
+    stored: watch::Sender<u64>,
 }
 
 /// A bound, not yet running driver.
@@ -316,6 +409,7 @@ impl<T: Transport> Driver<T> {
             next_conn: AtomicU64::new(1),
             net,
             traffic: Arc::new(Traffic::default()),
+            stored: watch::Sender::new(0),
         });
         Ok(Self { shared, listener, net_rx })
     }
@@ -330,6 +424,13 @@ impl<T: Transport> Driver<T> {
     #[must_use]
     pub fn traffic(&self) -> Arc<Traffic> {
         self.shared.traffic.clone()
+    }
+
+    /// Pieces stored since start; changes whenever a piece becomes durable
+    /// (a streaming reader waits on it for the piece it needs).
+    #[must_use]
+    pub fn stored_pieces(&self) -> watch::Receiver<u64> {
+        self.shared.stored.subscribe()
     }
 
     /// The driver's clock, in the core's time.
@@ -353,9 +454,10 @@ impl<T: Transport> Driver<T> {
         resume_from_store(&mut node, &store, since(shared.epoch));
         let mut rng = ChaCha8Rng::from_seed(seed);
         let accept = spawn_accept(shared.clone(), listener, rng.random());
-        let mut conns: BTreeMap<ConnId, mpsc::Sender<Message>> = BTreeMap::new();
+        let mut conns: BTreeMap<ConnId, ConnEntry> = BTreeMap::new();
         let mut dialing = 0usize;
         let mut counters = DriverCounters::default();
+        let mut control = Control::default();
         loop {
             let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
             let sleep = async {
@@ -378,8 +480,15 @@ impl<T: Transport> Driver<T> {
                                 let _ = writer.try_send(Message::Goodbye { reason: GoodbyeReason::TooManyConnections });
                                 continue;
                             }
-                            conns.insert(conn, writer);
                             let addr = peer.listen_addr.unwrap_or(remote);
+                            let entry = ConnEntry {
+                                writer,
+                                node: peer.node,
+                                addr,
+                                outbound: dialed.is_some(),
+                                opened: tokio::time::Instant::now(),
+                            };
+                            conns.insert(conn, entry);
                             node.handle_input(now, NodeInput::Connected { conn, peer: peer.node, addr, dialed });
                         }
                         NetEvent::DialFailed { addr } => {
@@ -401,23 +510,17 @@ impl<T: Transport> Driver<T> {
                 }
                 command = commands.recv() => {
                     let now = since(shared.epoch);
-                    match command {
-                        None | Some(Command::Shutdown) => break,
-                        Some(Command::Bootstrap(seeds)) => node.bootstrap(now, &seeds),
-                        Some(Command::Share { file }) => {
-                            let manifest = store.manifest(&file).cloned();
-                            let hashes = store.piece_hashes(&file).map(<[_]>::to_vec);
-                            if let (Some(manifest), Some(hashes)) = (manifest, hashes) {
-                                node.share(now, manifest, hashes);
-                            }
-                        }
-                        Some(Command::Get { file }) => node.get(now, file),
-                        Some(Command::Search { text }) => {
-                            node.search(now, &text);
-                        }
-                        Some(Command::Lookup { target }) => {
-                            node.find_node(now, target);
-                        }
+                    let Some(command) = command else { break };
+                    let mut context = Context {
+                        node: &mut node,
+                        store: &mut store,
+                        control: &mut control,
+                        counters: &mut counters,
+                        conns: &conns,
+                        config: &shared.config,
+                    };
+                    if context.command(now, command, &shared.traffic, shared.epoch, &shared.identity).is_break() {
+                        break;
                     }
                 }
                 () = sleep => node.handle_timeout(since(shared.epoch)),
@@ -449,18 +552,37 @@ impl<T: Transport> Driver<T> {
                         node.handle_input(now, NodeInput::BlockSent { conn, file });
                     }
                     NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
-                        counters.store_errors += u64::from(store.write_piece(&file, piece, data).is_err());
+                        if store.manifest(&file).is_none()
+                            && let Some(manifest) = control.awaiting_hashes.remove(&file)
+                        {
+                            // The first verified piece of a file whose hashes
+                            // were fetched from peers: they are known now.
+                            let hashes = node.exchange().piece_hashes(&file).map(<[_]>::to_vec);
+                            if let Some(hashes) = hashes {
+                                counters.store_errors += u64::from(store.create(&manifest, &hashes).is_err());
+                            }
+                        }
+                        match store.write_piece(&file, piece, data) {
+                            Ok(()) => shared.stored.send_modify(|stored| *stored += 1),
+                            Err(_) => counters.store_errors += 1,
+                        }
                     }
                     NodeOutput::Disconnect { conn, reason } => {
-                        if let Some(writer) = conns.remove(&conn) {
-                            let _ = writer.try_send(Message::Goodbye { reason });
+                        if let Some(entry) = conns.remove(&conn) {
+                            let _ = entry.writer.try_send(Message::Goodbye { reason });
                             node.handle_input(now, NodeInput::Disconnected { conn });
                         }
                     }
                     NodeOutput::Event(event) => {
-                        if let NodeEvent::DownloadStarted { manifest, .. } = &event {
-                            create_download(&mut store, manifest, &mut counters);
-                        }
+                        let mut context = Context {
+                            node: &mut node,
+                            store: &mut store,
+                            control: &mut control,
+                            counters: &mut counters,
+                            conns: &conns,
+                            config: &shared.config,
+                        };
+                        context.event(now, &event);
                         if let Some(observe) = observer.as_mut() {
                             observe(now, &event);
                         }
@@ -472,6 +594,390 @@ impl<T: Transport> Driver<T> {
         }
         accept.abort();
         (counters, store)
+    }
+}
+
+/// One open connection, as the loop knows it.
+struct ConnEntry {
+    writer: mpsc::Sender<Message>,
+    node: NodeId,
+    addr: SocketAddr,
+    outbound: bool,
+    opened: tokio::time::Instant,
+}
+
+/// What the loop remembers on behalf of the user commands (API, CLI).
+#[derive(Default)]
+struct Control {
+    /// Requested files whose manifest is not known: being looked up, or
+    /// not found (at most `gets_tracked_max`).
+    gets: BTreeMap<FileId, FileState>,
+    /// Searches whose caller waits for the hits (at most
+    /// `searches_waiting_max`).
+    searches: BTreeMap<QueryId, oneshot::Sender<Result<Vec<KeywordEntry>, CommandError>>>,
+    /// Lookups finished and succeeded, by purpose.
+    lookups: BTreeMap<&'static str, (u64, u64)>,
+    /// Downloads whose manifest carries no piece hashes: the store entry
+    /// is created once the exchange has fetched and proven them.
+    awaiting_hashes: BTreeMap<FileId, FileManifest>,
+}
+
+/// The loop's state, borrowed for one command or event.
+struct Context<'a, S> {
+    node: &'a mut Node,
+    store: &'a mut S,
+    control: &'a mut Control,
+    counters: &'a mut DriverCounters,
+    conns: &'a BTreeMap<ConnId, ConnEntry>,
+    config: &'a DriverConfig,
+}
+
+fn lookup_name(kind: LookupKind) -> &'static str {
+    match kind {
+        LookupKind::Bootstrap => "bootstrap",
+        LookupKind::Manifest => "manifest",
+        LookupKind::Providers => "providers",
+        LookupKind::Publish => "publish",
+        LookupKind::Search => "search",
+        LookupKind::FindNode => "find_node",
+        _ => "other",
+    }
+}
+
+impl<S: Store> Context<'_, S> {
+    /// Carry out one command; `Break` stops the driver.
+    fn command(
+        &mut self,
+        now: Instant,
+        command: Command,
+        traffic: &Traffic,
+        epoch: tokio::time::Instant,
+        identity: &Identity,
+    ) -> std::ops::ControlFlow<()> {
+        match command {
+            Command::Shutdown => return std::ops::ControlFlow::Break(()),
+            Command::Bootstrap(seeds) => self.node.bootstrap(now, &seeds),
+            Command::Share { file } => {
+                let manifest = self.store.manifest(&file).cloned();
+                let hashes = self.store.piece_hashes(&file).map(<[_]>::to_vec);
+                if let (Some(manifest), Some(hashes)) = (manifest, hashes) {
+                    self.node.share(now, manifest, hashes);
+                }
+            }
+            Command::Get { file } => {
+                self.fetch(now, file);
+            }
+            Command::Search { text } => {
+                self.node.search(now, &text);
+            }
+            Command::Lookup { target } => {
+                self.node.find_node(now, target);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status(traffic, epoch, identity));
+            }
+            Command::Peers { reply } => {
+                let peers = self
+                    .conns
+                    .values()
+                    .map(|entry| PeerView {
+                        node_id: entry.node.to_string(),
+                        addr: entry.addr,
+                        outbound: entry.outbound,
+                        connected_s: entry.opened.elapsed().as_secs(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::Files { reply } => {
+                let mut files: Vec<FileView> =
+                    self.store.files().iter().map(|status| self.stored_view(status)).collect();
+                files.extend(
+                    self.control.awaiting_hashes.iter().map(|(file, manifest)| self.awaiting_view(file, manifest)),
+                );
+                files.extend(self.control.gets.iter().map(|(file, state)| pending_view(file, *state)));
+                let _ = reply.send(files);
+            }
+            Command::File { file, reply } => {
+                let _ = reply.send(self.view(&file));
+            }
+            Command::ShareLocal { path, manifest, piece_hashes, reply } => {
+                let _ = reply.send(self.share_local(now, &path, manifest, piece_hashes));
+            }
+            Command::Fetch { file, reply } => {
+                let _ = reply.send(self.fetch(now, file));
+            }
+            Command::Remove { file, reply } => {
+                let _ = reply.send(self.remove(now, file));
+            }
+            Command::SearchFor { text, reply } => {
+                self.control.searches.retain(|_, waiting| !waiting.is_closed());
+                if self.control.searches.len() >= self.config.searches_waiting_max {
+                    let _ = reply.send(Err(CommandError::Busy("search")));
+                } else {
+                    let query = self.node.search(now, &text);
+                    self.control.searches.insert(query, reply);
+                }
+            }
+            Command::Stream { file, from } => self.node.stream(now, file, from),
+            Command::ReadPiece { file, piece, reply } => {
+                let _ = reply.send(self.read_piece(&file, piece));
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    /// Bookkeeping for one node event (before the observer sees it).
+    fn event(&mut self, now: Instant, event: &NodeEvent) {
+        match event {
+            NodeEvent::DownloadStarted { file, manifest } => {
+                if self.control.gets.remove(file).is_none() {
+                    // Removed while its manifest was being looked up.
+                    self.node.remove(now, *file);
+                    return;
+                }
+                match manifest.piece_hashes.as_deref() {
+                    Some(hashes) => {
+                        self.counters.store_errors += u64::from(self.store.create(manifest, hashes).is_err());
+                    }
+                    None => {
+                        if self.control.awaiting_hashes.len() >= self.config.gets_tracked_max {
+                            self.control.awaiting_hashes.pop_first();
+                        }
+                        self.control.awaiting_hashes.insert(*file, manifest.clone());
+                    }
+                }
+            }
+            NodeEvent::ManifestNotFound { file } => {
+                if self.control.gets.contains_key(file) {
+                    self.control.gets.insert(*file, FileState::NotFound);
+                }
+            }
+            NodeEvent::SearchResults { id, entries } => {
+                if let Some(reply) = self.control.searches.remove(id) {
+                    let hits = entries.iter().take(self.config.search_results_max).cloned().collect();
+                    let _ = reply.send(Ok(hits));
+                }
+            }
+            NodeEvent::Lookup { kind, stats } => {
+                let line = self.control.lookups.entry(lookup_name(*kind)).or_default();
+                line.0 += 1;
+                line.1 += u64::from(stats.success);
+            }
+            _ => {}
+        }
+    }
+
+    fn status(&self, traffic: &Traffic, epoch: tokio::time::Instant, identity: &Identity) -> NodeStatus {
+        let exchange = self.node.exchange().stats();
+        let gossip = self.node.gossip().counters();
+        let files = self.store.files();
+        let seeding = files.iter().filter(|f| f.held_pieces == f.piece_count).count();
+        NodeStatus {
+            node_id: identity.node_id().to_string(),
+            listen: Some(self.node.local().addr),
+            uptime_s: epoch.elapsed().as_secs(),
+            peers: self.conns.len(),
+            routing_contacts: self.node.kad().table().len(),
+            files_seeding: seeding,
+            files_downloading: files.len() - seeding + self.control.awaiting_hashes.len(),
+            traffic: FrameKind::ALL
+                .iter()
+                .map(|&kind| TrafficLine {
+                    kind: kind.name().to_owned(),
+                    sent_bytes: traffic.sent(kind),
+                    received_bytes: traffic.received(kind),
+                })
+                .collect(),
+            pieces_verified: exchange.pieces_verified,
+            pieces_failed: exchange.pieces_failed,
+            blocks_served: exchange.blocks_served,
+            wasted_bytes: exchange.wasted_bytes,
+            lookups: self
+                .control
+                .lookups
+                .iter()
+                .map(|(kind, (total, succeeded))| LookupLine {
+                    kind: (*kind).to_owned(),
+                    total: *total,
+                    succeeded: *succeeded,
+                })
+                .collect(),
+            gossip_published: gossip.published,
+            gossip_delivered: gossip.delivered,
+            gossip_duplicates: gossip.duplicates,
+            store_errors: self.counters.store_errors,
+            slow_peers: self.counters.slow_peers,
+            handshakes_failed: self.counters.handshakes_failed,
+            connections_refused: self.counters.connections_refused,
+        }
+    }
+
+    /// A file in the store.
+    fn stored_view(&self, status: &FileStatus) -> FileView {
+        let file = status.file;
+        let manifest = self.store.manifest(&file);
+        let layout = manifest.and_then(|m| m.layout().ok());
+        let complete = status.held_pieces == status.piece_count;
+        let bytes_held = match (layout, self.store.held(&file)) {
+            (Some(layout), _) if complete => layout.file_bytes(),
+            (Some(layout), Ok(held)) => {
+                let last = PieceIndex(status.piece_count.saturating_sub(1));
+                let full = u64::from(status.held_pieces) * u64::from(layout.piece_bytes());
+                if held.contains(last) {
+                    full - u64::from(layout.piece_bytes()) + u64::from(layout.piece_len(last))
+                } else {
+                    full
+                }
+            }
+            _ => 0,
+        };
+        FileView {
+            id: file.to_string(),
+            state: if complete { FileState::Complete } else { FileState::Downloading },
+            name: manifest.map(|m| m.name.clone()).unwrap_or_default(),
+            size: manifest.map_or(0, |m| m.size),
+            piece_bytes: layout.map_or(0, |l| l.piece_bytes()),
+            pieces: status.piece_count,
+            pieces_held: status.held_pieces,
+            bytes_held,
+            peers: self.node.exchange().peer_count(&file),
+            shared: status.shared,
+        }
+    }
+
+    /// A download still fetching its piece hashes.
+    fn awaiting_view(&self, file: &FileId, manifest: &FileManifest) -> FileView {
+        let layout = manifest.layout().ok();
+        FileView {
+            id: file.to_string(),
+            state: FileState::Downloading,
+            name: manifest.name.clone(),
+            size: manifest.size,
+            piece_bytes: layout.map_or(0, |l| l.piece_bytes()),
+            pieces: layout.map_or(0, |l| l.piece_count()),
+            pieces_held: 0,
+            bytes_held: 0,
+            peers: self.node.exchange().peer_count(file),
+            shared: false,
+        }
+    }
+
+    fn view(&self, file: &FileId) -> Option<FileView> {
+        if let Ok(held) = self.store.held(file) {
+            let status = FileStatus {
+                file: *file,
+                held_pieces: held.count(),
+                piece_count: held.piece_count(),
+                shared: self.store.files().iter().any(|f| f.file == *file && f.shared),
+            };
+            return Some(self.stored_view(&status));
+        }
+        if let Some(manifest) = self.control.awaiting_hashes.get(file) {
+            return Some(self.awaiting_view(file, manifest));
+        }
+        self.control.gets.get(file).map(|state| pending_view(file, *state))
+    }
+
+    /// Start fetching `file` unless it is here or on its way; say where it
+    /// stands.
+    fn fetch(&mut self, now: Instant, file: FileId) -> FileView {
+        if let Some(view) = self.view(&file).filter(|v| v.state != FileState::NotFound) {
+            return view;
+        }
+        if self.control.gets.len() >= self.config.gets_tracked_max && !self.control.gets.contains_key(&file) {
+            let oldest = self
+                .control
+                .gets
+                .iter()
+                .find(|(_, state)| **state == FileState::NotFound)
+                .map(|(f, _)| *f)
+                .or_else(|| self.control.gets.keys().next().copied());
+            if let Some(oldest) = oldest {
+                self.control.gets.remove(&oldest);
+            }
+        }
+        self.control.gets.insert(file, FileState::FindingManifest);
+        self.node.get(now, file);
+        pending_view(&file, FileState::FindingManifest)
+    }
+
+    fn share_local(
+        &mut self,
+        now: Instant,
+        path: &std::path::Path,
+        manifest: FileManifest,
+        piece_hashes: Vec<PieceHash>,
+    ) -> Result<FileId, CommandError> {
+        let file = manifest.validate().map_err(|e| CommandError::Store(e.to_string()))?;
+        if let Ok(held) = self.store.held(&file) {
+            // The same content again (under any name) is already served.
+            return if held.is_complete() { Ok(file) } else { Err(CommandError::AlreadyPresent(file.to_string())) };
+        }
+        self.store.share_path(path, &manifest, &piece_hashes).map_err(|e| CommandError::Store(e.to_string()))?;
+        self.control.gets.remove(&file);
+        self.node.share(now, manifest, piece_hashes);
+        Ok(file)
+    }
+
+    fn remove(&mut self, now: Instant, file: FileId) -> Result<(), CommandError> {
+        let in_store = self.store.manifest(&file).is_some();
+        let pending = self.control.gets.remove(&file).is_some();
+        let awaiting = self.control.awaiting_hashes.remove(&file).is_some();
+        if !(in_store || pending || awaiting) {
+            return Err(CommandError::UnknownFile(file.to_string()));
+        }
+        self.node.remove(now, file);
+        if in_store {
+            self.store.remove(&file).map_err(|e| CommandError::Store(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// A whole verified piece, read block by block (a piece is at most
+    /// 16 MiB; the streaming reader asks for one at a time).
+    fn read_piece(&mut self, file: &FileId, piece: PieceIndex) -> PieceRead {
+        let Some(layout) = self.store.manifest(file).and_then(|m| m.layout().ok()) else {
+            return PieceRead::Unknown;
+        };
+        if piece.0 >= layout.piece_count() {
+            return PieceRead::Unknown;
+        }
+        match self.store.held(file) {
+            Ok(held) if held.contains(piece) => {}
+            Ok(_) => return PieceRead::Missing,
+            Err(_) => return PieceRead::Unknown,
+        }
+        let piece_bytes = layout.piece_len(piece);
+        let mut bytes = bytes::BytesMut::with_capacity(piece_bytes as usize);
+        let mut offset = 0;
+        while offset < piece_bytes {
+            let length = BLOCK_BYTES.min(piece_bytes - offset);
+            match self.store.read_block(file, piece, offset, length) {
+                Ok(block) => bytes.extend_from_slice(&block),
+                Err(error) => {
+                    self.counters.store_errors += 1;
+                    return PieceRead::Unreadable(error.to_string());
+                }
+            }
+            offset += length;
+        }
+        PieceRead::Held(bytes.freeze())
+    }
+}
+
+fn pending_view(file: &FileId, state: FileState) -> FileView {
+    FileView {
+        id: file.to_string(),
+        state,
+        name: String::new(),
+        size: 0,
+        piece_bytes: 0,
+        pieces: 0,
+        pieces_held: 0,
+        bytes_held: 0,
+        peers: 0,
+        shared: false,
     }
 }
 
@@ -492,29 +998,17 @@ fn resume_from_store<S: Store>(node: &mut Node, store: &S, now: Instant) {
     }
 }
 
-/// Prepare the store for a download the node started. Manifests that did
-/// not carry their piece hashes are not supported by the store yet.
-fn create_download<S: Store>(store: &mut S, manifest: &FileManifest, counters: &mut DriverCounters) {
-    let Some(hashes) = manifest.piece_hashes.as_deref() else {
-        counters.store_errors += 1;
-        return;
-    };
-    if store.create(manifest, hashes).is_err() {
-        counters.store_errors += 1;
-    }
-}
-
 /// Queue a frame for a connection's writer; a full queue disconnects it.
 fn send(
-    conns: &mut BTreeMap<ConnId, mpsc::Sender<Message>>,
+    conns: &mut BTreeMap<ConnId, ConnEntry>,
     node: &mut Node,
     counters: &mut DriverCounters,
     now: Instant,
     conn: ConnId,
     message: Message,
 ) {
-    let Some(writer) = conns.get(&conn) else { return };
-    if let Err(mpsc::error::TrySendError::Full(_)) = writer.try_send(message) {
+    let Some(entry) = conns.get(&conn) else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = entry.writer.try_send(message) {
         counters.slow_peers += 1;
         conns.remove(&conn);
         node.handle_input(now, NodeInput::Disconnected { conn });

@@ -6,6 +6,8 @@
 
 pub use shoal_core as core;
 
+pub mod api;
+pub mod control;
 pub mod driver;
 pub mod framing;
 pub mod handshake;

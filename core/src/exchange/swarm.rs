@@ -182,6 +182,11 @@ impl Swarm {
         (self.have_count, self.layout.piece_count())
     }
 
+    /// Every piece hash, once known (given, or fetched and proven).
+    pub(super) fn piece_hashes(&self) -> Option<&[PieceHash]> {
+        self.hash_fetch.is_none().then_some(self.hashes.as_slice())
+    }
+
     pub(super) fn peer_count(&self) -> usize {
         self.sessions.iter().flatten().count()
     }

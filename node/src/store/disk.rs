@@ -578,6 +578,15 @@ impl Store for DiskStore {
         Ok(id)
     }
 
+    fn share_path(
+        &mut self,
+        path: &Path,
+        manifest: &FileManifest,
+        piece_hashes: &[PieceHash],
+    ) -> Result<FileId, StoreError> {
+        self.add_shared(path.to_path_buf(), manifest, piece_hashes)
+    }
+
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
         let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
         entry.meta.check_piece_index(piece)?;

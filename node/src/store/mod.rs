@@ -66,6 +66,21 @@ pub trait Store {
         piece_hashes: &[PieceHash],
     ) -> Result<FileId, StoreError>;
 
+    /// Share the complete local file at `path` (the daemon's `share`): the
+    /// disk store serves it in place, the memory store reads it. Stores
+    /// that cannot share a path (the simulator's wrappers) keep this
+    /// default, which refuses.
+    fn share_path(
+        &mut self,
+        path: &Path,
+        manifest: &FileManifest,
+        piece_hashes: &[PieceHash],
+    ) -> Result<FileId, StoreError> {
+        let _ = (manifest, piece_hashes);
+        let unsupported = io::Error::new(io::ErrorKind::Unsupported, "this store cannot share a local path");
+        Err(StoreError::Io { op: "share", path: path.to_path_buf(), source: unsupported })
+    }
+
     /// Store one piece; `Ok` means durable and counted as held.
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError>;
 
