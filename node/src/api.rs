@@ -621,9 +621,16 @@ async fn stream_content(
     }
 }
 
-/// A response body fed by a channel of chunks.
-struct ChannelBody {
+/// A body fed by a channel of chunks (content responses here, uploads in
+/// the client).
+pub(crate) struct ChannelBody {
     rx: mpsc::Receiver<Result<Bytes, io::Error>>,
+}
+
+impl ChannelBody {
+    pub(crate) fn new(rx: mpsc::Receiver<Result<Bytes, io::Error>>) -> Self {
+        Self { rx }
+    }
 }
 
 impl hyper::body::Body for ChannelBody {
