@@ -749,8 +749,8 @@ impl<S: Store> Context<'_, S> {
                 }
             }
             NodeEvent::ManifestNotFound { file } => {
-                if self.control.gets.contains_key(file) {
-                    self.control.gets.insert(*file, FileState::NotFound);
+                if let Some(state) = self.control.gets.get_mut(file) {
+                    *state = FileState::NotFound;
                 }
             }
             NodeEvent::SearchResults { id, entries } => {

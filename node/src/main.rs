@@ -347,7 +347,8 @@ async fn share(api: ApiClient, json: bool, path: &Path, name: Option<String>) ->
 /// Start (or join) a download and wait until the daemon holds every
 /// piece, showing progress on a terminal.
 async fn wait_complete(api: ApiClient, file: &FileId, show_progress: bool) -> Result<FileView, Failure> {
-    let mut view: FileView = api.send(Method::POST, "/v1/downloads", &serde_json::json!({ "id": file.to_string() })).await?;
+    let mut view: FileView =
+        api.send(Method::POST, "/v1/downloads", &serde_json::json!({ "id": file.to_string() })).await?;
     let bar = if show_progress {
         let bar = indicatif::ProgressBar::new(0);
         let style = indicatif::ProgressStyle::with_template(
@@ -388,13 +389,7 @@ fn short(name: &str) -> String {
     if name.chars().count() <= 20 { name.to_owned() } else { name.chars().take(19).chain(['…']).collect() }
 }
 
-async fn get(
-    api: ApiClient,
-    json: bool,
-    text: &str,
-    output: Option<PathBuf>,
-    no_output: bool,
-) -> Result<(), Failure> {
+async fn get(api: ApiClient, json: bool, text: &str, output: Option<PathBuf>, no_output: bool) -> Result<(), Failure> {
     let file = parse_file(text)?;
     let view = wait_complete(api, &file, !json && std::io::stderr().is_terminal()).await?;
     let path = if no_output {
@@ -448,7 +443,9 @@ async fn save(api: ApiClient, file: &FileId, view: &FileView, path: &Path) -> Re
     let layout = Layout::new(view.size, view.piece_bytes).map_err(|e| Failure::Other(e.to_string()))?;
     let check = path.to_path_buf();
     let content = tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&check).map_err(|e| e.to_string()).and_then(|f| content::hash_reader(f, layout).map_err(|e| e.to_string()))
+        std::fs::File::open(&check)
+            .map_err(|e| e.to_string())
+            .and_then(|f| content::hash_reader(f, layout).map_err(|e| e.to_string()))
     })
     .await
     .map_err(|e| Failure::Other(e.to_string()))?
@@ -461,7 +458,8 @@ async fn save(api: ApiClient, file: &FileId, view: &FileView, path: &Path) -> Re
 
 async fn cat(api: ApiClient, text: &str) -> Result<(), Failure> {
     let file = parse_file(text)?;
-    let mut view: FileView = api.send(Method::POST, "/v1/downloads", &serde_json::json!({ "id": file.to_string() })).await?;
+    let mut view: FileView =
+        api.send(Method::POST, "/v1/downloads", &serde_json::json!({ "id": file.to_string() })).await?;
     while view.state == FileState::FindingManifest {
         tokio::time::sleep(PROGRESS_POLL_INTERVAL).await;
         view = api.get(&format!("/v1/downloads/{file}")).await?;
