@@ -77,6 +77,8 @@ pub struct DriverConfig {
     /// Frames from all connections queued for the loop (backpressure:
     /// readers wait).
     pub inbound_queue_frames_max: usize,
+    /// Bytes a connection's writer gathers before a system call.
+    pub write_buffer_bytes: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
@@ -107,6 +109,7 @@ impl DriverConfig {
             idle_timeout: Duration::from_secs(45),
             conn_queue_frames_max: 1024,
             inbound_queue_frames_max: 4096,
+            write_buffer_bytes: 128 * 1024,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
@@ -562,7 +565,7 @@ impl<T: Transport> Driver<T> {
                                 counters.store_errors += u64::from(store.create(&manifest, &hashes).is_err());
                             }
                         }
-                        match store.write_piece(&file, piece, data) {
+                        match store.write_verified_piece(&file, piece, data) {
                             Ok(()) => shared.stored.send_modify(|stored| *stored += 1),
                             Err(_) => counters.store_errors += 1,
                         }
@@ -1140,16 +1143,29 @@ where
     handshake::verify_peer(identity, &ours, &theirs, &their_proof)
 }
 
-async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer, mut rx: mpsc::Receiver<Message>) {
+/// Frames go through a buffer of `write_buffer_bytes` and out in one write
+/// when the queue runs dry (or the buffer fills): a busy connection sends
+/// many frames per system call, an idle one sends each at once.
+async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, mut rx: mpsc::Receiver<Message>) {
     let max = shared.config.frame_bytes_max;
+    let mut writer = tokio::io::BufWriter::with_capacity(shared.config.write_buffer_bytes, writer);
     loop {
-        let message = tokio::select! {
-            biased;
-            message = rx.recv() => match message {
-                Some(message) => message,
-                None => break, // the loop dropped us
-            },
-            () = tokio::time::sleep(shared.config.keepalive_interval) => Message::Keepalive,
+        let message = match rx.try_recv() {
+            Ok(message) => message,
+            Err(mpsc::error::TryRecvError::Disconnected) => break, // the loop dropped us
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    message = rx.recv() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                    () = tokio::time::sleep(shared.config.keepalive_interval) => Message::Keepalive,
+                }
+            }
         };
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
@@ -1157,6 +1173,10 @@ async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer,
         let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
         let wait = shared.upload.lock().await.take(bytes as u64, now);
         if !wait.is_zero() {
+            // Out before the pause, so the limit shapes the wire, not the buffer.
+            if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
+                break;
+            }
             tokio::time::sleep(wait).await;
         }
         if goodbye {

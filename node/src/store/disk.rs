@@ -33,6 +33,9 @@ const MANIFEST_BYTES_MAX: u64 = 1 << 20;
 /// A shared-file record is a path plus three integers.
 const SHARED_RECORD_BYTES_MAX: u64 = 64 * 1024;
 const HELD_MAGIC: &[u8; 8] = b"shoalhv1";
+/// Files kept open for reading blocks: serving opens a file once, not once
+/// per 16 KiB block; past the limit the oldest id's handle is closed.
+const READ_HANDLES_MAX: usize = 64;
 const CHECKSUM_BYTES: usize = 32;
 
 /// What open did about a file directory it could not fully trust.
@@ -139,6 +142,8 @@ pub struct DiskStore {
     _lock: File,
     files: BTreeMap<FileId, DiskFile>,
     issues: Vec<LoadIssue>,
+    /// Open read handles (at most [`READ_HANDLES_MAX`]).
+    readers: BTreeMap<FileId, File>,
 }
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
@@ -291,7 +296,14 @@ impl DiskStore {
             }
             Err(errno) => return Err(StoreError::Io { op: "lock", path: lock_path, source: errno.into() }),
         }
-        let mut store = Self { data_dir, files_dir, _lock: lock, files: BTreeMap::new(), issues: Vec::new() };
+        let mut store = Self {
+            data_dir,
+            files_dir,
+            _lock: lock,
+            files: BTreeMap::new(),
+            issues: Vec::new(),
+            readers: BTreeMap::new(),
+        };
         store.load_all()?;
         Ok(store)
     }
@@ -521,6 +533,31 @@ impl DiskStore {
         result
     }
 
+    /// Write a piece (hash-checked if `hash`), make it durable, then mark
+    /// it held.
+    fn store_piece(&mut self, file: &FileId, piece: PieceIndex, data: &[u8], hash: bool) -> Result<(), StoreError> {
+        let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
+        entry.meta.check_piece_index(piece)?;
+        if entry.held.contains(piece) {
+            return Ok(());
+        }
+        entry.meta.check_piece(piece, data, hash)?;
+        let Source::Download { data: path } = &entry.source else {
+            // Shared files hold every piece, so this is never reached; never
+            // write into a user's file regardless.
+            return Ok(());
+        };
+        let handle = OpenOptions::new().write(true).open(path).map_err(io_error("open", path))?;
+        handle.write_all_at(data, entry.meta.layout.piece_offset(piece)).map_err(io_error("write", path))?;
+        handle.sync_data().map_err(io_error("fsync", path))?;
+        // Only now, with the bytes durable, may the bit become durable.
+        let mut held = entry.held.clone();
+        held.insert(piece);
+        replace_atomically(&entry.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))?;
+        entry.held = held;
+        Ok(())
+    }
+
     fn file(&self, file: &FileId) -> Result<&DiskFile, StoreError> {
         self.files.get(file).ok_or(StoreError::UnknownFile { file: *file })
     }
@@ -588,30 +625,15 @@ impl Store for DiskStore {
     }
 
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
-        let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
-        entry.meta.check_piece_index(piece)?;
-        if entry.held.contains(piece) {
-            return Ok(());
-        }
-        entry.meta.check_piece(piece, &data)?;
-        let Source::Download { data: path } = &entry.source else {
-            // Shared files hold every piece, so this is never reached; never
-            // write into a user's file regardless.
-            return Ok(());
-        };
-        let handle = OpenOptions::new().write(true).open(path).map_err(io_error("open", path))?;
-        handle.write_all_at(&data, entry.meta.layout.piece_offset(piece)).map_err(io_error("write", path))?;
-        handle.sync_data().map_err(io_error("fsync", path))?;
-        // Only now, with the bytes durable, may the bit become durable.
-        let mut held = entry.held.clone();
-        held.insert(piece);
-        replace_atomically(&entry.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))?;
-        entry.held = held;
-        Ok(())
+        self.store_piece(file, piece, &data, true)
+    }
+
+    fn write_verified_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
+        self.store_piece(file, piece, &data, false)
     }
 
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError> {
-        let entry = self.file(file)?;
+        let entry = self.files.get(file).ok_or(StoreError::UnknownFile { file: *file })?;
         entry.meta.check_block(piece, offset, length)?;
         if !entry.held.contains(piece) {
             return Err(StoreError::NotHeld { file: *file, piece });
@@ -620,7 +642,23 @@ impl Store for DiskStore {
             Source::Download { data } => (data, None),
             Source::Shared { path, record } => (path, Some(record)),
         };
-        let handle = File::open(path).map_err(io_error("open", path))?;
+        if record.is_some()
+            && let Some(cached) = self.readers.get(file)
+            && cached.metadata().is_ok_and(|metadata| metadata.nlink() == 0)
+        {
+            // The original was deleted or replaced since it was opened: look
+            // at the path again.
+            self.readers.remove(file);
+        }
+        if !self.readers.contains_key(file) {
+            if self.readers.len() >= READ_HANDLES_MAX {
+                self.readers.pop_first();
+            }
+            self.readers.insert(*file, File::open(path).map_err(io_error("open", path))?);
+        }
+        let Some(handle) = self.readers.get(file) else {
+            return Err(StoreError::UnknownFile { file: *file });
+        };
         if let Some(record) = record {
             // Check the opened file itself, so a swap between stat and read
             // cannot slip through.
@@ -669,6 +707,7 @@ impl Store for DiskStore {
 
     fn remove(&mut self, file: &FileId) -> Result<(), StoreError> {
         let dir = self.file(file)?.dir.clone();
+        self.readers.remove(file);
         // Deletes only the store's own directory: a shared original lives
         // elsewhere and is never touched.
         let result = self.delete_dir(&dir, file);

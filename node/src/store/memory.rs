@@ -115,7 +115,7 @@ impl Store for MemoryStore {
         if entry.held.contains(piece) {
             return Ok(());
         }
-        entry.meta.check_piece(piece, &data)?;
+        entry.meta.check_piece(piece, &data, true)?;
         entry.pieces[piece.0 as usize] = Some(data);
         entry.held.insert(piece);
         Ok(())

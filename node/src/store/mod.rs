@@ -84,6 +84,15 @@ pub trait Store {
     /// Store one piece; `Ok` means durable and counted as held.
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError>;
 
+    /// [`write_piece`](Store::write_piece) for a piece the caller has
+    /// already checked against this file's piece hash (the driver, for the
+    /// exchange's `StorePiece`, which only carries verified pieces): a
+    /// store may skip hashing it a second time. Index and length are still
+    /// checked. The default hashes again.
+    fn write_verified_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
+        self.write_piece(file, piece, data)
+    }
+
     /// Read `length` bytes (1 ..= [`BLOCK_BYTES`]) at `offset` within a held
     /// piece. Reads only that block.
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError>;
@@ -417,14 +426,14 @@ impl FileMeta {
         Ok(())
     }
 
-    /// Range, length and hash of a piece about to be written.
-    fn check_piece(&self, piece: PieceIndex, data: &[u8]) -> Result<(), StoreError> {
+    /// Range, length and (if `hash`) hash of a piece about to be written.
+    fn check_piece(&self, piece: PieceIndex, data: &[u8], hash: bool) -> Result<(), StoreError> {
         self.check_piece_index(piece)?;
         let expected = self.layout.piece_len(piece);
         if data.len() != expected as usize {
             return Err(StoreError::WrongPieceLength { file: self.id, piece, expected, got: data.len() });
         }
-        if !content::verify_piece(&self.hashes[piece.0 as usize], data) {
+        if hash && !content::verify_piece(&self.hashes[piece.0 as usize], data) {
             return Err(StoreError::PieceHashMismatch { file: self.id, piece });
         }
         Ok(())

@@ -135,6 +135,18 @@ fn suite_rejects_bad_pieces<S: Store>(store: &mut S) {
     assert!(matches!(store.held(&unknown), Err(StoreError::UnknownFile { .. })));
     assert!(matches!(store.read_block(&unknown, PieceIndex(0), 0, 1), Err(StoreError::UnknownFile { .. })));
     assert_eq!(store.held(&sample.id).unwrap().count(), 0, "a rejected piece was counted");
+    // A piece the caller verified skips the hash, not the other checks.
+    assert!(matches!(
+        store.write_verified_piece(&sample.id, PieceIndex(5), sample.piece(4)),
+        Err(StoreError::WrongPieceLength { .. })
+    ));
+    assert!(matches!(
+        store.write_verified_piece(&sample.id, PieceIndex(6), sample.piece(5)),
+        Err(StoreError::PieceOutOfRange { .. })
+    ));
+    store.write_verified_piece(&sample.id, PieceIndex(1), sample.piece(1)).unwrap();
+    assert!(store.held(&sample.id).unwrap().contains(PieceIndex(1)));
+    assert_eq!(store.read_block(&sample.id, PieceIndex(1), 0, 16).unwrap(), sample.block(1, 0, 16));
 }
 
 fn suite_block_bounds<S: Store>(store: &mut S) {
