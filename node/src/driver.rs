@@ -48,7 +48,7 @@ use crate::framing::{FrameReader, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
-use crate::store::{FileStatus, Store};
+use crate::store::{FileStatus, PieceWrite, Store, StoreError};
 use crate::transport::{Listener, Transport};
 
 /// Driver limits and timings.
@@ -79,6 +79,10 @@ pub struct DriverConfig {
     pub inbound_queue_frames_max: usize,
     /// Bytes a connection's writer gathers before a system call.
     pub write_buffer_bytes: usize,
+    /// Verified pieces handed to the store's writer and not yet durable
+    /// (each holds a piece in memory); at the limit the loop waits for the
+    /// disk.
+    pub store_writes_queued_max: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
@@ -110,6 +114,7 @@ impl DriverConfig {
             conn_queue_frames_max: 1024,
             inbound_queue_frames_max: 4096,
             write_buffer_bytes: 128 * 1024,
+            store_writes_queued_max: 16,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
@@ -461,6 +466,11 @@ impl<T: Transport> Driver<T> {
         let mut dialing = 0usize;
         let mut counters = DriverCounters::default();
         let mut control = Control::default();
+        let writes_max = shared.config.store_writes_queued_max.max(1);
+        let (write_jobs, write_rx) = mpsc::channel(writes_max);
+        let (write_done_tx, mut write_done) = mpsc::channel(writes_max);
+        let writer = tokio::spawn(write_pieces(write_rx, write_done_tx));
+        let mut writes = Writes::default();
         loop {
             let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
             let sleep = async {
@@ -471,6 +481,9 @@ impl<T: Transport> Driver<T> {
             };
             tokio::select! {
                 biased;
+                Some(done) = write_done.recv(), if writes.total > 0 => {
+                    writes.finish(&mut store, &mut counters, &shared.stored, done);
+                }
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
                     match event {
@@ -514,6 +527,14 @@ impl<T: Transport> Driver<T> {
                 command = commands.recv() => {
                     let now = since(shared.epoch);
                     let Some(command) = command else { break };
+                    if let Command::Remove { file, .. } = &command {
+                        // Its pieces in flight land (or fail) before its
+                        // directory goes.
+                        while writes.by_file.contains_key(file) {
+                            let Some(done) = write_done.recv().await else { break };
+                            writes.finish(&mut store, &mut counters, &shared.stored, done);
+                        }
+                    }
                     let mut context = Context {
                         node: &mut node,
                         store: &mut store,
@@ -565,9 +586,24 @@ impl<T: Transport> Driver<T> {
                                 counters.store_errors += u64::from(store.create(&manifest, &hashes).is_err());
                             }
                         }
-                        match store.write_verified_piece(&file, piece, data) {
-                            Ok(()) => shared.stored.send_modify(|stored| *stored += 1),
-                            Err(_) => counters.store_errors += 1,
+                        match store.prepare_write(&file, piece, data.clone()) {
+                            None => match store.write_verified_piece(&file, piece, data) {
+                                Ok(()) => shared.stored.send_modify(|stored| *stored += 1),
+                                Err(_) => counters.store_errors += 1,
+                            },
+                            Some(Ok(None)) => {}
+                            Some(Ok(Some(job))) => {
+                                // At the limit, wait for the disk (backpressure).
+                                while writes.total >= writes_max {
+                                    let Some(done) = write_done.recv().await else { break };
+                                    writes.finish(&mut store, &mut counters, &shared.stored, done);
+                                }
+                                writes.start(file);
+                                if write_jobs.send(job).await.is_err() {
+                                    counters.store_errors += 1;
+                                }
+                            }
+                            Some(Err(_)) => counters.store_errors += 1,
                         }
                     }
                     NodeOutput::Disconnect { conn, reason } => {
@@ -596,7 +632,83 @@ impl<T: Transport> Driver<T> {
             shared.traffic.gossip_duplicates.store(node.gossip().counters().duplicates, Ordering::Relaxed);
         }
         accept.abort();
+        // Every piece in flight lands before the store is handed back.
+        drop(write_jobs);
+        while writes.total > 0 {
+            let Some(done) = write_done.recv().await else { break };
+            writes.finish(&mut store, &mut counters, &shared.stored, done);
+        }
+        let _ = writer.await;
         (counters, store)
+    }
+}
+
+/// A piece write that ran off the loop.
+struct WriteDone {
+    file: FileId,
+    piece: PieceIndex,
+    result: Result<(), StoreError>,
+}
+
+/// Piece writes handed to the store's writer, by file.
+#[derive(Default)]
+struct Writes {
+    total: usize,
+    by_file: BTreeMap<FileId, usize>,
+}
+
+impl Writes {
+    fn start(&mut self, file: FileId) {
+        self.total += 1;
+        *self.by_file.entry(file).or_default() += 1;
+    }
+
+    /// A write finished: the store counts the piece (if it succeeded) and
+    /// streaming readers wake.
+    fn finish<S: Store>(
+        &mut self,
+        store: &mut S,
+        counters: &mut DriverCounters,
+        stored: &watch::Sender<u64>,
+        done: WriteDone,
+    ) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(count) = self.by_file.get_mut(&done.file) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_file.remove(&done.file);
+            }
+        }
+        match store.commit_write(&done.file, done.piece, done.result) {
+            Ok(()) => stored.send_modify(|stored| *stored += 1),
+            Err(_) => counters.store_errors += 1,
+        }
+    }
+}
+
+/// The store's writer: runs piece writes one at a time, in order, on a
+/// blocking thread, so the loop never waits for a disk sync (unless
+/// `store_writes_queued_max` are in flight). Stores that write
+/// synchronously never send it anything.
+async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<WriteDone>) {
+    // Pieces whose write failed, by file: later bitfields leave them out.
+    let mut failed: BTreeMap<FileId, Vec<PieceIndex>> = BTreeMap::new();
+    while let Some(job) = jobs.recv().await {
+        let (file, piece) = (job.file(), job.piece());
+        let skip = failed.get(&file).cloned().unwrap_or_default();
+        let result = tokio::task::spawn_blocking(move || job.run(&skip)).await.unwrap_or_else(|_| {
+            let interrupted = std::io::Error::other("piece write interrupted");
+            Err(StoreError::Io { op: "write piece", path: PathBuf::new(), source: interrupted })
+        });
+        if result.is_err() {
+            let pieces = failed.entry(file).or_default();
+            if !pieces.contains(&piece) {
+                pieces.push(piece);
+            }
+        }
+        if done.send(WriteDone { file, piece, result }).await.is_err() {
+            break;
+        }
     }
 }
 

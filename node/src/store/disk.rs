@@ -38,6 +38,54 @@ const HELD_MAGIC: &[u8; 8] = b"shoalhv1";
 const READ_HANDLES_MAX: usize = 64;
 const CHECKSUM_BYTES: usize = 32;
 
+/// The slow part of writing one verified piece, to run off the driver loop
+/// ([`Store::prepare_write`]): write the bytes, sync them, then replace the
+/// bitfield with one that includes the piece. Jobs run one at a time in
+/// the order they were prepared, so each job's bitfield names only pieces
+/// whose bytes earlier jobs (or this one) already synced; pieces whose job
+/// failed are passed to later jobs to leave out.
+#[derive(Debug)]
+pub struct PieceWrite {
+    file: FileId,
+    piece: PieceIndex,
+    data_path: PathBuf,
+    offset: u64,
+    data: Bytes,
+    dir: PathBuf,
+    /// Held pieces, earlier queued pieces and this one.
+    held: HeldPieces,
+}
+
+impl PieceWrite {
+    /// The file.
+    #[must_use]
+    pub fn file(&self) -> FileId {
+        self.file
+    }
+
+    /// The piece.
+    #[must_use]
+    pub fn piece(&self) -> PieceIndex {
+        self.piece
+    }
+
+    /// Write, sync, and record the piece (blocking; run it on a blocking
+    /// thread). `failed` are earlier pieces of this file whose job failed:
+    /// they are left out of the bitfield.
+    pub fn run(self, failed: &[PieceIndex]) -> Result<(), StoreError> {
+        let path = &self.data_path;
+        let handle = OpenOptions::new().write(true).open(path).map_err(io_error("open", path))?;
+        handle.write_all_at(&self.data, self.offset).map_err(io_error("write", path))?;
+        handle.sync_data().map_err(io_error("fsync", path))?;
+        // Only now, with the bytes durable, may the bit become durable.
+        let mut held = self.held;
+        for &piece in failed {
+            held.remove(piece);
+        }
+        replace_atomically(&self.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))
+    }
+}
+
 /// What open did about a file directory it could not fully trust.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Recovery {
@@ -144,6 +192,9 @@ pub struct DiskStore {
     issues: Vec<LoadIssue>,
     /// Open read handles (at most [`READ_HANDLES_MAX`]).
     readers: BTreeMap<FileId, File>,
+    /// Pieces handed out as [`PieceWrite`] jobs and not yet committed:
+    /// served from here, not yet held. Bounded by the caller's queue.
+    queued: BTreeMap<(FileId, PieceIndex), Bytes>,
 }
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
@@ -303,6 +354,7 @@ impl DiskStore {
             files: BTreeMap::new(),
             issues: Vec::new(),
             readers: BTreeMap::new(),
+            queued: BTreeMap::new(),
         };
         store.load_all()?;
         Ok(store)
@@ -632,11 +684,63 @@ impl Store for DiskStore {
         self.store_piece(file, piece, &data, false)
     }
 
+    fn prepare_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+    ) -> Option<Result<Option<PieceWrite>, StoreError>> {
+        let Some(entry) = self.files.get(file) else { return Some(Err(StoreError::UnknownFile { file: *file })) };
+        if let Err(error) = entry.meta.check_piece(piece, &data, false) {
+            return Some(Err(error));
+        }
+        let Source::Download { data: data_path } = &entry.source else {
+            return Some(Ok(None)); // a shared file holds every piece
+        };
+        if entry.held.contains(piece) || self.queued.contains_key(&(*file, piece)) {
+            return Some(Ok(None));
+        }
+        let mut held = entry.held.clone();
+        for &(_, queued) in self.queued.range((*file, PieceIndex(0))..=(*file, PieceIndex(u32::MAX))).map(|(k, _)| k) {
+            held.insert(queued);
+        }
+        held.insert(piece);
+        let job = PieceWrite {
+            file: *file,
+            piece,
+            data_path: data_path.clone(),
+            offset: entry.meta.layout.piece_offset(piece),
+            data: data.clone(),
+            dir: entry.dir.clone(),
+            held,
+        };
+        self.queued.insert((*file, piece), data);
+        Some(Ok(Some(job)))
+    }
+
+    fn commit_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        result: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.queued.remove(&(*file, piece));
+        result?;
+        if let Some(entry) = self.files.get_mut(file) {
+            entry.held.insert(piece);
+        }
+        Ok(())
+    }
+
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError> {
         let entry = self.files.get(file).ok_or(StoreError::UnknownFile { file: *file })?;
         entry.meta.check_block(piece, offset, length)?;
         if !entry.held.contains(piece) {
-            return Err(StoreError::NotHeld { file: *file, piece });
+            // Verified and on its way to disk: serve it from memory.
+            let Some(data) = self.queued.get(&(*file, piece)) else {
+                return Err(StoreError::NotHeld { file: *file, piece });
+            };
+            return Ok(data.slice(offset as usize..(offset + length) as usize));
         }
         let (path, record) = match &entry.source {
             Source::Download { data } => (data, None),
@@ -708,6 +812,7 @@ impl Store for DiskStore {
     fn remove(&mut self, file: &FileId) -> Result<(), StoreError> {
         let dir = self.file(file)?.dir.clone();
         self.readers.remove(file);
+        self.queued.retain(|(queued, _), _| queued != file);
         // Deletes only the store's own directory: a shared original lives
         // elsewhere and is never touched.
         let result = self.delete_dir(&dir, file);

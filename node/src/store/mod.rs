@@ -24,7 +24,7 @@ use crate::core::content::{self, BLOCK_BYTES, Layout, PieceHash};
 use crate::core::ids::{FileId, PieceIndex};
 use crate::core::manifest::{FileManifest, ManifestError};
 
-pub use disk::{DiskStore, LoadIssue, Recovery};
+pub use disk::{DiskStore, LoadIssue, PieceWrite, Recovery};
 pub use memory::MemoryStore;
 
 /// Piece storage for the node's driver. The driver calls it synchronously
@@ -91,6 +91,36 @@ pub trait Store {
     /// checked. The default hashes again.
     fn write_verified_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
         self.write_piece(file, piece, data)
+    }
+
+    /// Split a verified piece's write so that its slow part (writing and
+    /// syncing) can run off the driver loop: `None` means this store
+    /// writes synchronously (call [`write_verified_piece`](Store::write_verified_piece));
+    /// `Some(Ok(None))` that there is nothing to write (held or queued).
+    /// A queued piece is served by [`read_block`](Store::read_block) from
+    /// memory but is not [`held`](Store::held) until
+    /// [`commit_write`](Store::commit_write) reports its job done: a piece
+    /// counts only once durable. Jobs must run one at a time, in order.
+    fn prepare_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+    ) -> Option<Result<Option<PieceWrite>, StoreError>> {
+        let _ = (file, piece, data);
+        None
+    }
+
+    /// A job from [`prepare_write`](Store::prepare_write) finished with
+    /// `result`: on success the piece is held from now on.
+    fn commit_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        result: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _ = (file, piece);
+        result
     }
 
     /// Read `length` bytes (1 ..= [`BLOCK_BYTES`]) at `offset` within a held
