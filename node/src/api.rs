@@ -716,6 +716,12 @@ pub fn render_metrics(status: &NodeStatus) -> String {
         ],
     );
     metric("shoal_store_errors_total", "counter", "Store operations that failed.", &one(status.store_errors));
+    metric(
+        "shoal_blocks_cancelled_total",
+        "counter",
+        "Queued blocks not sent: the peer cancelled them.",
+        &one(status.blocks_cancelled),
+    );
     metric("shoal_slow_peers_total", "counter", "Peers dropped for not keeping up.", &one(status.slow_peers));
     metric(
         "shoal_handshakes_failed_total",

@@ -47,6 +47,8 @@ pub struct NodeStatus {
     pub store_errors: u64,
     /// Peers dropped because they did not keep up.
     pub slow_peers: u64,
+    /// Queued blocks taken back because the peer cancelled them.
+    pub blocks_cancelled: u64,
     /// Handshakes or dials that failed.
     pub handshakes_failed: u64,
     /// Connections refused at the connection limit.

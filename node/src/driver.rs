@@ -254,6 +254,8 @@ pub struct DriverCounters {
     pub handshakes_failed: u64,
     /// Peers disconnected because their queue was full.
     pub slow_peers: u64,
+    /// Queued blocks not sent because the peer cancelled them.
+    pub blocks_cancelled: u64,
     /// Store operations that failed.
     pub store_errors: u64,
 }
@@ -354,6 +356,7 @@ enum NetEvent {
         remote: SocketAddr,
         dialed: Option<SocketAddr>,
         writer: mpsc::Sender<Message>,
+        blocks: Arc<std::sync::Mutex<BlockQueue>>,
     },
     DialFailed {
         addr: SocketAddr,
@@ -487,7 +490,7 @@ impl<T: Transport> Driver<T> {
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
                     match event {
-                        NetEvent::Connected { conn, peer, remote, dialed, writer } => {
+                        NetEvent::Connected { conn, peer, remote, dialed, writer, blocks } => {
                             if dialed.is_some() {
                                 dialing = dialing.saturating_sub(1);
                             }
@@ -499,6 +502,7 @@ impl<T: Transport> Driver<T> {
                             let addr = peer.listen_addr.unwrap_or(remote);
                             let entry = ConnEntry {
                                 writer,
+                                blocks,
                                 node: peer.node,
                                 addr,
                                 outbound: dialed.is_some(),
@@ -513,6 +517,12 @@ impl<T: Transport> Driver<T> {
                             node.handle_input(now, NodeInput::DialFailed { addr });
                         }
                         NetEvent::Frame { conn, message } => {
+                            if let Message::Exchange(ExchangeMessage::Cancel { file, piece, offset, .. }) = &message
+                                && let Some(entry) = conns.get(&conn)
+                                && entry.blocks.lock().is_ok_and(|mut queue| queue.cancel((*file, *piece, *offset)))
+                            {
+                                counters.blocks_cancelled += 1;
+                            }
                             if conns.contains_key(&conn) {
                                 node.handle_input(now, NodeInput::Message { conn, message });
                             }
@@ -568,6 +578,11 @@ impl<T: Transport> Driver<T> {
                     NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                         match store.read_block(&file, piece, offset, length) {
                             Ok(data) => {
+                                if let Some(entry) = conns.get(&conn)
+                                    && let Ok(mut queue) = entry.blocks.lock()
+                                {
+                                    queue.push((file, piece, offset));
+                                }
                                 let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
                                 send(&mut conns, &mut node, &mut counters, now, conn, message);
                             }
@@ -643,6 +658,35 @@ impl<T: Transport> Driver<T> {
     }
 }
 
+/// A block in a writer's queue: file, piece, offset.
+type BlockKey = (FileId, PieceIndex, u32);
+
+/// The blocks queued on one connection's writer, shared by the loop (which
+/// queues them and hears the peer's cancels) and the writer (which takes
+/// them), so a `Cancel` takes back a block not yet written (BEP 3). At
+/// most one entry per queued frame (`conn_queue_frames_max`).
+#[derive(Debug, Default)]
+struct BlockQueue {
+    /// Queued blocks, and whether the peer cancelled each.
+    queued: BTreeMap<BlockKey, bool>,
+}
+
+impl BlockQueue {
+    fn push(&mut self, block: BlockKey) {
+        self.queued.insert(block, false);
+    }
+
+    /// The peer cancelled `block`: whether it was still queued.
+    fn cancel(&mut self, block: BlockKey) -> bool {
+        self.queued.get_mut(&block).map(|cancelled| *cancelled = true).is_some()
+    }
+
+    /// The writer took `block` from its queue: whether to send it.
+    fn take(&mut self, block: BlockKey) -> bool {
+        self.queued.remove(&block) != Some(true)
+    }
+}
+
 /// A piece write that ran off the loop.
 struct WriteDone {
     file: FileId,
@@ -715,6 +759,8 @@ async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<W
 /// One open connection, as the loop knows it.
 struct ConnEntry {
     writer: mpsc::Sender<Message>,
+    /// Blocks in the writer's queue, shared with it.
+    blocks: Arc<std::sync::Mutex<BlockQueue>>,
     node: NodeId,
     addr: SocketAddr,
     outbound: bool,
@@ -923,6 +969,7 @@ impl<S: Store> Context<'_, S> {
             gossip_duplicates: gossip.duplicates,
             store_errors: self.counters.store_errors,
             slow_peers: self.counters.slow_peers,
+            blocks_cancelled: self.counters.blocks_cancelled,
             handshakes_failed: self.counters.handshakes_failed,
             connections_refused: self.counters.connections_refused,
         }
@@ -1183,10 +1230,12 @@ async fn connection<T: Transport>(
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(shared.config.conn_queue_frames_max);
-    if shared.net.send(NetEvent::Connected { conn, peer, remote, dialed, writer: tx }).await.is_err() {
+    let blocks = Arc::new(std::sync::Mutex::new(BlockQueue::default()));
+    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx, blocks: blocks.clone() };
+    if shared.net.send(connected).await.is_err() {
         return; // the driver stopped
     }
-    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
+    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx, blocks));
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
         Traffic::add(&shared.traffic.received, FrameKind::of(&message), bytes);
@@ -1258,7 +1307,12 @@ where
 /// Frames go through a buffer of `write_buffer_bytes` and out in one write
 /// when the queue runs dry (or the buffer fills): a busy connection sends
 /// many frames per system call, an idle one sends each at once.
-async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, mut rx: mpsc::Receiver<Message>) {
+async fn write_loop<T: Transport>(
+    shared: Arc<Shared<T>>,
+    writer: T::Writer,
+    mut rx: mpsc::Receiver<Message>,
+    blocks: Arc<std::sync::Mutex<BlockQueue>>,
+) {
     let max = shared.config.frame_bytes_max;
     let mut writer = tokio::io::BufWriter::with_capacity(shared.config.write_buffer_bytes, writer);
     loop {
@@ -1279,6 +1333,12 @@ async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, mut
                 }
             }
         };
+        if let Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. }) = &message
+            && let Ok(mut queue) = blocks.lock()
+            && !queue.take((*file, *piece, *offset))
+        {
+            continue; // cancelled while queued
+        }
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
         Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
@@ -1296,4 +1356,22 @@ async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, mut
         }
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_takes_back_only_a_queued_block() {
+        let mut queue = BlockQueue::default();
+        let (a, b) = ((FileId([1; 32]), PieceIndex(0), 0), (FileId([1; 32]), PieceIndex(0), 16384));
+        queue.push(a);
+        queue.push(b);
+        assert!(queue.cancel(b));
+        assert!(queue.take(a), "not cancelled: sent");
+        assert!(!queue.take(b), "cancelled while queued: dropped");
+        assert!(!queue.cancel(a), "already written: nothing to take back");
+        assert!(queue.queued.is_empty());
+    }
 }
