@@ -79,10 +79,11 @@ pub struct DriverConfig {
     pub inbound_queue_frames_max: usize,
     /// Bytes a connection's writer gathers before a system call.
     pub write_buffer_bytes: usize,
-    /// Verified pieces handed to the store's writer and not yet durable
-    /// (each holds a piece in memory); at the limit the loop waits for the
-    /// disk.
+    /// Verified pieces handed to the store's writer and not yet durable;
+    /// at the limit the loop waits for the disk.
     pub store_writes_queued_max: usize,
+    /// Bytes of those pieces (held in memory until durable).
+    pub store_writes_queued_bytes_max: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
@@ -114,7 +115,8 @@ impl DriverConfig {
             conn_queue_frames_max: 1024,
             inbound_queue_frames_max: 4096,
             write_buffer_bytes: 128 * 1024,
-            store_writes_queued_max: 16,
+            store_writes_queued_max: 4096,
+            store_writes_queued_bytes_max: 64 << 20,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
@@ -609,11 +611,14 @@ impl<T: Transport> Driver<T> {
                             Some(Ok(None)) => {}
                             Some(Ok(Some(job))) => {
                                 // At the limit, wait for the disk (backpressure).
-                                while writes.total >= writes_max {
+                                let bytes_max = shared.config.store_writes_queued_bytes_max;
+                                while writes.total >= writes_max
+                                    || (writes.total > 0 && writes.bytes + job.len() > bytes_max)
+                                {
                                     let Some(done) = write_done.recv().await else { break };
                                     writes.finish(&mut store, &mut counters, &shared.stored, done);
                                 }
-                                writes.start(file);
+                                writes.start(file, job.len());
                                 if write_jobs.send(job).await.is_err() {
                                     counters.store_errors += 1;
                                 }
@@ -691,6 +696,7 @@ impl BlockQueue {
 struct WriteDone {
     file: FileId,
     piece: PieceIndex,
+    bytes: usize,
     result: Result<(), StoreError>,
 }
 
@@ -698,12 +704,14 @@ struct WriteDone {
 #[derive(Default)]
 struct Writes {
     total: usize,
+    bytes: usize,
     by_file: BTreeMap<FileId, usize>,
 }
 
 impl Writes {
-    fn start(&mut self, file: FileId) {
+    fn start(&mut self, file: FileId, bytes: usize) {
         self.total += 1;
+        self.bytes += bytes;
         *self.by_file.entry(file).or_default() += 1;
     }
 
@@ -717,6 +725,7 @@ impl Writes {
         done: WriteDone,
     ) {
         self.total = self.total.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(done.bytes);
         if let Some(count) = self.by_file.get_mut(&done.file) {
             *count -= 1;
             if *count == 0 {
@@ -730,28 +739,45 @@ impl Writes {
     }
 }
 
-/// The store's writer: runs piece writes one at a time, in order, on a
-/// blocking thread, so the loop never waits for a disk sync (unless
-/// `store_writes_queued_max` are in flight). Stores that write
+/// The store's writer: runs piece writes in order on a blocking thread,
+/// gathering the jobs already queued into one batch (one sync per file per
+/// batch), so the loop never waits for a disk sync unless
+/// `store_writes_queued_max` are in flight. Stores that write
 /// synchronously never send it anything.
 async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<WriteDone>) {
     // Pieces whose write failed, by file: later bitfields leave them out.
     let mut failed: BTreeMap<FileId, Vec<PieceIndex>> = BTreeMap::new();
-    while let Some(job) = jobs.recv().await {
-        let (file, piece) = (job.file(), job.piece());
-        let skip = failed.get(&file).cloned().unwrap_or_default();
-        let result = tokio::task::spawn_blocking(move || job.run(&skip)).await.unwrap_or_else(|_| {
-            let interrupted = std::io::Error::other("piece write interrupted");
-            Err(StoreError::Io { op: "write piece", path: PathBuf::new(), source: interrupted })
-        });
-        if result.is_err() {
-            let pieces = failed.entry(file).or_default();
-            if !pieces.contains(&piece) {
-                pieces.push(piece);
-            }
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            batch.push(job);
         }
-        if done.send(WriteDone { file, piece, result }).await.is_err() {
-            break;
+        let keys: Vec<(FileId, PieceIndex)> = batch.iter().map(|job| (job.file(), job.piece())).collect();
+        let sizes: Vec<usize> = batch.iter().map(PieceWrite::len).collect();
+        let skip = failed.clone();
+        let results =
+            tokio::task::spawn_blocking(move || PieceWrite::run_batch(batch, &skip)).await.unwrap_or_else(|_| {
+                keys.iter()
+                    .map(|&(file, piece)| {
+                        let interrupted = std::io::Error::other("piece write interrupted");
+                        (
+                            file,
+                            piece,
+                            Err(StoreError::Io { op: "write piece", path: PathBuf::new(), source: interrupted }),
+                        )
+                    })
+                    .collect()
+            });
+        for ((file, piece, result), bytes) in results.into_iter().zip(sizes) {
+            if result.is_err() {
+                let pieces = failed.entry(file).or_default();
+                if !pieces.contains(&piece) {
+                    pieces.push(piece);
+                }
+            }
+            if done.send(WriteDone { file, piece, bytes, result }).await.is_err() {
+                return;
+            }
         }
     }
 }
