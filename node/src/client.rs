@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -57,6 +58,34 @@ pub enum ClientError {
 /// A request body: a whole buffer or a stream.
 type RequestBody = BoxBody<Bytes, io::Error>;
 
+/// A response body. It keeps its connection's request handle: hyper closes
+/// a connection whose handle is dropped, even while a streamed response
+/// body is still arriving.
+pub struct ResponseBody {
+    body: Incoming,
+    _sender: SendRequest<RequestBody>,
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A client of one daemon's API.
 #[derive(Clone, Copy, Debug)]
 pub struct ApiClient {
@@ -87,7 +116,7 @@ impl ApiClient {
         path_and_query: &str,
         body: Option<(RequestBody, &'static str)>,
         headers: &[(hyper::header::HeaderName, String)],
-    ) -> Result<Response<Incoming>, ClientError> {
+    ) -> Result<Response<ResponseBody>, ClientError> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|source| ClientError::Unreachable { addr: self.addr, source })?;
@@ -106,11 +135,12 @@ impl ApiClient {
             None => Full::new(Bytes::new()).map_err(|never| match never {}).boxed(),
         };
         let request = builder.body(body).map_err(|e| self.protocol(e))?;
-        sender.send_request(request).await.map_err(|e| self.protocol(e))
+        let response = sender.send_request(request).await.map_err(|e| self.protocol(e))?;
+        Ok(response.map(|body| ResponseBody { body, _sender: sender }))
     }
 
     /// Read a JSON answer: `T` on success, the API error otherwise.
-    async fn json<T: DeserializeOwned>(&self, response: Response<Incoming>) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(&self, response: Response<ResponseBody>) -> Result<T, ClientError> {
         let status = response.status();
         let bytes = Limited::new(response.into_body(), JSON_RESPONSE_BYTES_MAX)
             .collect()
@@ -185,7 +215,7 @@ impl ApiClient {
         &self,
         path: &str,
         headers: &[(hyper::header::HeaderName, String)],
-    ) -> Result<Response<Incoming>, ClientError> {
+    ) -> Result<Response<ResponseBody>, ClientError> {
         let response = self.request(Method::GET, path, None, headers).await?;
         if response.status().is_success() {
             return Ok(response);

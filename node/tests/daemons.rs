@@ -273,3 +273,35 @@ fn the_client_names_an_unreachable_daemon_and_exits_3() {
     assert!(stderr.contains("127.0.0.1:9") && stderr.contains("cannot reach"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_is_served_while_downloading_the_requested_range_first() {
+    use http_body_util::BodyExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("stream.bin");
+    let size = 16usize << 20;
+    write_random(&original, 5, size);
+    let seeder = Daemon::start(&tmp.path().join("seeder"), 12, &[], &[]);
+    // 16 MiB at 4 MB/s: about four seconds for the whole file.
+    let leech = Daemon::start(&tmp.path().join("leech"), 13, &[seeder.listen], &["--max-download", "4000000"]);
+    leech.wait_peers(1).await;
+    let id = share(&seeder, &original);
+    let _: FileView = leech.api.send(Method::POST, "/v1/downloads", &serde_json::json!({ "id": id })).await.unwrap();
+    leech.wait_file(&id, "manifest known", |v| v.state == FileState::Downloading).await;
+
+    // The last 100 KiB, asked for first: fetched ahead of the rest.
+    let first = size - 100 * 1024;
+    let range = [(RANGE, format!("bytes={first}-"))];
+    let response = leech.api.stream(&format!("/v1/files/{id}/content"), &range).await.unwrap();
+    assert_eq!(response.status().as_u16(), 206);
+    let tail = response.into_body().collect().await.unwrap().to_bytes();
+    let view = leech.file(&id).await.unwrap();
+    let bytes = std::fs::read(&original).unwrap();
+    assert_eq!(&tail[..], &bytes[first..], "the range's bytes");
+    assert!(view.pieces_held < view.pieces, "the range came before the whole file: {view:?}");
+
+    // `shoal cat` streams the whole file in order while the rest arrives.
+    let output = leech.cli(&["cat", &id]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stdout == bytes, "cat gives the file's bytes in order");
+}

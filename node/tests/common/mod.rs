@@ -139,9 +139,20 @@ impl Drop for Daemon {
 }
 
 pub fn run_with_deadline(mut command: Command) -> Output {
+    use std::io::Read;
     let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_child(&mut child);
-    child.wait_with_output().unwrap()
+    // Drained while it runs: a full pipe would stall the child.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).unwrap();
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait_child(&mut child);
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 pub fn wait_child(child: &mut Child) -> ExitStatus {
