@@ -116,7 +116,7 @@ impl DriverConfig {
             inbound_queue_frames_max: 4096,
             write_buffer_bytes: 128 * 1024,
             store_writes_queued_max: 4096,
-            store_writes_queued_bytes_max: 64 << 20,
+            store_writes_queued_bytes_max: 32 << 20,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
