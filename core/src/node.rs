@@ -791,6 +791,10 @@ impl Node {
     }
 
     fn on_gossip_event(&mut self, now: Instant, event: GossipEvent) {
+        if let GossipEvent::Delivered { payload: Announcement::Peer(contact), .. } = &event {
+            // A peer announced itself: a DHT contact once it answers a ping.
+            self.kad.probe(now, *contact);
+        }
         if let GossipEvent::Delivered { payload: Announcement::Swarm { file, node, seeding }, .. } = &event
             && (self.downloads.contains_key(file) || (!seeding && self.exchange.is_complete(file)))
         {

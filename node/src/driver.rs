@@ -25,26 +25,30 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
+use shoal_core::content::{BLOCK_BYTES, PieceHash};
 use shoal_core::exchange::{ServeBlock, StorePiece};
-use shoal_core::ids::{ConnId, FileId, NodeId};
+use shoal_core::ids::{ConnId, FileId, NodeId, PieceIndex};
+use shoal_core::kad::QueryId;
 use shoal_core::manifest::FileManifest;
-use shoal_core::node::{Node, NodeEvent, NodeInput, NodeOutput};
+use shoal_core::node::{LookupKind, Node, NodeEvent, NodeInput, NodeOutput};
 use shoal_core::time::Instant;
-use shoal_core::wire::{ExchangeMessage, GoodbyeReason, Message};
-use tokio::sync::{Mutex, mpsc};
+use shoal_core::wire::{ExchangeMessage, GoodbyeReason, KeywordEntry, Message};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::control::{CommandError, FileState, FileView, LookupLine, NodeStatus, PeerView, PieceRead, TrafficLine};
 use crate::framing::{FrameReader, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
-use crate::store::Store;
+use crate::store::{FileStatus, PieceWrite, Store, StoreError};
 use crate::transport::{Listener, Transport};
 
 /// Driver limits and timings.
@@ -73,10 +77,26 @@ pub struct DriverConfig {
     /// Frames from all connections queued for the loop (backpressure:
     /// readers wait).
     pub inbound_queue_frames_max: usize,
+    /// Bytes a connection's writer gathers before a system call.
+    pub write_buffer_bytes: usize,
+    /// Verified pieces handed to the store's writer and not yet durable;
+    /// at the limit the loop waits for the disk.
+    pub store_writes_queued_max: usize,
+    /// Bytes of those pieces (held in memory until durable).
+    pub store_writes_queued_bytes_max: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
     pub max_download_bytes_per_s: Option<u64>,
+    /// Searches waiting for their results on behalf of a [`Command::SearchFor`]
+    /// (each holds a reply channel until the DHT lookup ends).
+    pub searches_waiting_max: usize,
+    /// Hits returned to one [`Command::SearchFor`].
+    pub search_results_max: usize,
+    /// Requested files whose manifest is being looked up or was not found,
+    /// remembered for progress queries; the oldest failure is forgotten
+    /// first.
+    pub gets_tracked_max: usize,
 }
 
 impl DriverConfig {
@@ -94,8 +114,14 @@ impl DriverConfig {
             idle_timeout: Duration::from_secs(45),
             conn_queue_frames_max: 1024,
             inbound_queue_frames_max: 4096,
+            write_buffer_bytes: 128 * 1024,
+            store_writes_queued_max: 4096,
+            store_writes_queued_bytes_max: 32 << 20,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
+            searches_waiting_max: 16,
+            search_results_max: 100,
+            gets_tracked_max: 1024,
         }
     }
 }
@@ -142,6 +168,80 @@ pub enum Command {
     },
     /// Stop the driver.
     Shutdown,
+    /// The node's state and counters.
+    Status {
+        /// Where the answer goes.
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    /// The open peer connections.
+    Peers {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<PeerView>>,
+    },
+    /// Every file in the store or requested.
+    Files {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<FileView>>,
+    },
+    /// One file's manifest and progress (`None`: unknown here).
+    File {
+        /// The file.
+        file: FileId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Option<FileView>>,
+    },
+    /// Share a complete local file, already chunked and hashed by the
+    /// caller (hashing must not run on the driver loop).
+    ShareLocal {
+        /// The file's path.
+        path: PathBuf,
+        /// Its manifest.
+        manifest: FileManifest,
+        /// Its piece hashes.
+        piece_hashes: Vec<PieceHash>,
+        /// The file id, or why not.
+        reply: oneshot::Sender<Result<FileId, CommandError>>,
+    },
+    /// Fetch a file by id (as [`Command::Get`]) and say where it stands.
+    Fetch {
+        /// The file.
+        file: FileId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<FileView>,
+    },
+    /// Stop serving and fetching a file and delete what the store made for
+    /// it (a shared original is never deleted).
+    Remove {
+        /// The file.
+        file: FileId,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// Search by name and answer with the hits (at most
+    /// `search_results_max`).
+    SearchFor {
+        /// The words.
+        text: String,
+        /// The hits, or why not.
+        reply: oneshot::Sender<Result<Vec<KeywordEntry>, CommandError>>,
+    },
+    /// Fetch pieces from `from` on first, in order (`cat`, Range reads);
+    /// `None` returns to rarest first.
+    Stream {
+        /// The file.
+        file: FileId,
+        /// The first piece wanted.
+        from: Option<PieceIndex>,
+    },
+    /// Read one verified piece from the store.
+    ReadPiece {
+        /// The file.
+        file: FileId,
+        /// The piece.
+        piece: PieceIndex,
+        /// The bytes, or why not.
+        reply: oneshot::Sender<PieceRead>,
+    },
 }
 
 /// Called with every node event and the time it happened.
@@ -156,6 +256,8 @@ pub struct DriverCounters {
     pub handshakes_failed: u64,
     /// Peers disconnected because their queue was full.
     pub slow_peers: u64,
+    /// Queued blocks not sent because the peer cancelled them.
+    pub blocks_cancelled: u64,
     /// Store operations that failed.
     pub store_errors: u64,
 }
@@ -256,6 +358,7 @@ enum NetEvent {
         remote: SocketAddr,
         dialed: Option<SocketAddr>,
         writer: mpsc::Sender<Message>,
+        blocks: Arc<std::sync::Mutex<BlockQueue>>,
     },
     DialFailed {
         addr: SocketAddr,
@@ -281,6 +384,9 @@ struct Shared<T> {
     upload: Mutex<TokenBucket>,
     download: Mutex<TokenBucket>,
     traffic: Arc<Traffic>,
+    /// Pieces stored since start: readers waiting for a piece (streaming)
+    /// wake on every change.
+    stored: watch::Sender<u64>,
 }
 
 /// A bound, not yet running driver.
@@ -316,6 +422,7 @@ impl<T: Transport> Driver<T> {
             next_conn: AtomicU64::new(1),
             net,
             traffic: Arc::new(Traffic::default()),
+            stored: watch::Sender::new(0),
         });
         Ok(Self { shared, listener, net_rx })
     }
@@ -330,6 +437,13 @@ impl<T: Transport> Driver<T> {
     #[must_use]
     pub fn traffic(&self) -> Arc<Traffic> {
         self.shared.traffic.clone()
+    }
+
+    /// Pieces stored since start; changes whenever a piece becomes durable
+    /// (a streaming reader waits on it for the piece it needs).
+    #[must_use]
+    pub fn stored_pieces(&self) -> watch::Receiver<u64> {
+        self.shared.stored.subscribe()
     }
 
     /// The driver's clock, in the core's time.
@@ -353,9 +467,15 @@ impl<T: Transport> Driver<T> {
         resume_from_store(&mut node, &store, since(shared.epoch));
         let mut rng = ChaCha8Rng::from_seed(seed);
         let accept = spawn_accept(shared.clone(), listener, rng.random());
-        let mut conns: BTreeMap<ConnId, mpsc::Sender<Message>> = BTreeMap::new();
+        let mut conns: BTreeMap<ConnId, ConnEntry> = BTreeMap::new();
         let mut dialing = 0usize;
         let mut counters = DriverCounters::default();
+        let mut control = Control::default();
+        let writes_max = shared.config.store_writes_queued_max.max(1);
+        let (write_jobs, write_rx) = mpsc::channel(writes_max);
+        let (write_done_tx, mut write_done) = mpsc::channel(writes_max);
+        let writer = tokio::spawn(write_pieces(write_rx, write_done_tx));
+        let mut writes = Writes::default();
         loop {
             let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
             let sleep = async {
@@ -366,10 +486,13 @@ impl<T: Transport> Driver<T> {
             };
             tokio::select! {
                 biased;
+                Some(done) = write_done.recv(), if writes.total > 0 => {
+                    writes.finish(&mut store, &mut counters, &shared.stored, done);
+                }
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
                     match event {
-                        NetEvent::Connected { conn, peer, remote, dialed, writer } => {
+                        NetEvent::Connected { conn, peer, remote, dialed, writer, blocks } => {
                             if dialed.is_some() {
                                 dialing = dialing.saturating_sub(1);
                             }
@@ -378,8 +501,16 @@ impl<T: Transport> Driver<T> {
                                 let _ = writer.try_send(Message::Goodbye { reason: GoodbyeReason::TooManyConnections });
                                 continue;
                             }
-                            conns.insert(conn, writer);
                             let addr = peer.listen_addr.unwrap_or(remote);
+                            let entry = ConnEntry {
+                                writer,
+                                blocks,
+                                node: peer.node,
+                                addr,
+                                outbound: dialed.is_some(),
+                                opened: tokio::time::Instant::now(),
+                            };
+                            conns.insert(conn, entry);
                             node.handle_input(now, NodeInput::Connected { conn, peer: peer.node, addr, dialed });
                         }
                         NetEvent::DialFailed { addr } => {
@@ -388,6 +519,12 @@ impl<T: Transport> Driver<T> {
                             node.handle_input(now, NodeInput::DialFailed { addr });
                         }
                         NetEvent::Frame { conn, message } => {
+                            if let Message::Exchange(ExchangeMessage::Cancel { file, piece, offset, .. }) = &message
+                                && let Some(entry) = conns.get(&conn)
+                                && entry.blocks.lock().is_ok_and(|mut queue| queue.cancel((*file, *piece, *offset)))
+                            {
+                                counters.blocks_cancelled += 1;
+                            }
                             if conns.contains_key(&conn) {
                                 node.handle_input(now, NodeInput::Message { conn, message });
                             }
@@ -401,23 +538,25 @@ impl<T: Transport> Driver<T> {
                 }
                 command = commands.recv() => {
                     let now = since(shared.epoch);
-                    match command {
-                        None | Some(Command::Shutdown) => break,
-                        Some(Command::Bootstrap(seeds)) => node.bootstrap(now, &seeds),
-                        Some(Command::Share { file }) => {
-                            let manifest = store.manifest(&file).cloned();
-                            let hashes = store.piece_hashes(&file).map(<[_]>::to_vec);
-                            if let (Some(manifest), Some(hashes)) = (manifest, hashes) {
-                                node.share(now, manifest, hashes);
-                            }
+                    let Some(command) = command else { break };
+                    if let Command::Remove { file, .. } = &command {
+                        // Its pieces in flight land (or fail) before its
+                        // directory goes.
+                        while writes.by_file.contains_key(file) {
+                            let Some(done) = write_done.recv().await else { break };
+                            writes.finish(&mut store, &mut counters, &shared.stored, done);
                         }
-                        Some(Command::Get { file }) => node.get(now, file),
-                        Some(Command::Search { text }) => {
-                            node.search(now, &text);
-                        }
-                        Some(Command::Lookup { target }) => {
-                            node.find_node(now, target);
-                        }
+                    }
+                    let mut context = Context {
+                        node: &mut node,
+                        store: &mut store,
+                        control: &mut control,
+                        counters: &mut counters,
+                        conns: &conns,
+                        config: &shared.config,
+                    };
+                    if context.command(now, command, &shared.traffic, shared.epoch, &shared.identity).is_break() {
+                        break;
                     }
                 }
                 () = sleep => node.handle_timeout(since(shared.epoch)),
@@ -441,6 +580,11 @@ impl<T: Transport> Driver<T> {
                     NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                         match store.read_block(&file, piece, offset, length) {
                             Ok(data) => {
+                                if let Some(entry) = conns.get(&conn)
+                                    && let Ok(mut queue) = entry.blocks.lock()
+                                {
+                                    queue.push((file, piece, offset));
+                                }
                                 let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
                                 send(&mut conns, &mut node, &mut counters, now, conn, message);
                             }
@@ -449,18 +593,55 @@ impl<T: Transport> Driver<T> {
                         node.handle_input(now, NodeInput::BlockSent { conn, file });
                     }
                     NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
-                        counters.store_errors += u64::from(store.write_piece(&file, piece, data).is_err());
+                        if store.manifest(&file).is_none()
+                            && let Some(manifest) = control.awaiting_hashes.remove(&file)
+                        {
+                            // The first verified piece of a file whose hashes
+                            // were fetched from peers: they are known now.
+                            let hashes = node.exchange().piece_hashes(&file).map(<[_]>::to_vec);
+                            if let Some(hashes) = hashes {
+                                counters.store_errors += u64::from(store.create(&manifest, &hashes).is_err());
+                            }
+                        }
+                        match store.prepare_write(&file, piece, data.clone()) {
+                            None => match store.write_verified_piece(&file, piece, data) {
+                                Ok(()) => shared.stored.send_modify(|stored| *stored += 1),
+                                Err(_) => counters.store_errors += 1,
+                            },
+                            Some(Ok(None)) => {}
+                            Some(Ok(Some(job))) => {
+                                // At the limit, wait for the disk (backpressure).
+                                let bytes_max = shared.config.store_writes_queued_bytes_max;
+                                while writes.total >= writes_max
+                                    || (writes.total > 0 && writes.bytes + job.len() > bytes_max)
+                                {
+                                    let Some(done) = write_done.recv().await else { break };
+                                    writes.finish(&mut store, &mut counters, &shared.stored, done);
+                                }
+                                writes.start(file, job.len());
+                                if write_jobs.send(job).await.is_err() {
+                                    counters.store_errors += 1;
+                                }
+                            }
+                            Some(Err(_)) => counters.store_errors += 1,
+                        }
                     }
                     NodeOutput::Disconnect { conn, reason } => {
-                        if let Some(writer) = conns.remove(&conn) {
-                            let _ = writer.try_send(Message::Goodbye { reason });
+                        if let Some(entry) = conns.remove(&conn) {
+                            let _ = entry.writer.try_send(Message::Goodbye { reason });
                             node.handle_input(now, NodeInput::Disconnected { conn });
                         }
                     }
                     NodeOutput::Event(event) => {
-                        if let NodeEvent::DownloadStarted { manifest, .. } = &event {
-                            create_download(&mut store, manifest, &mut counters);
-                        }
+                        let mut context = Context {
+                            node: &mut node,
+                            store: &mut store,
+                            control: &mut control,
+                            counters: &mut counters,
+                            conns: &conns,
+                            config: &shared.config,
+                        };
+                        context.event(now, &event);
                         if let Some(observe) = observer.as_mut() {
                             observe(now, &event);
                         }
@@ -471,7 +652,520 @@ impl<T: Transport> Driver<T> {
             shared.traffic.gossip_duplicates.store(node.gossip().counters().duplicates, Ordering::Relaxed);
         }
         accept.abort();
+        // Every piece in flight lands before the store is handed back.
+        drop(write_jobs);
+        while writes.total > 0 {
+            let Some(done) = write_done.recv().await else { break };
+            writes.finish(&mut store, &mut counters, &shared.stored, done);
+        }
+        let _ = writer.await;
         (counters, store)
+    }
+}
+
+/// A block in a writer's queue: file, piece, offset.
+type BlockKey = (FileId, PieceIndex, u32);
+
+/// The blocks queued on one connection's writer, shared by the loop (which
+/// queues them and hears the peer's cancels) and the writer (which takes
+/// them), so a `Cancel` takes back a block not yet written (BEP 3). At
+/// most one entry per queued frame (`conn_queue_frames_max`).
+#[derive(Debug, Default)]
+struct BlockQueue {
+    /// Queued blocks, and whether the peer cancelled each.
+    queued: BTreeMap<BlockKey, bool>,
+}
+
+impl BlockQueue {
+    fn push(&mut self, block: BlockKey) {
+        self.queued.insert(block, false);
+    }
+
+    /// The peer cancelled `block`: whether it was still queued.
+    fn cancel(&mut self, block: BlockKey) -> bool {
+        self.queued.get_mut(&block).map(|cancelled| *cancelled = true).is_some()
+    }
+
+    /// The writer took `block` from its queue: whether to send it.
+    fn take(&mut self, block: BlockKey) -> bool {
+        self.queued.remove(&block) != Some(true)
+    }
+}
+
+/// A piece write that ran off the loop.
+struct WriteDone {
+    file: FileId,
+    piece: PieceIndex,
+    bytes: usize,
+    result: Result<(), StoreError>,
+}
+
+/// Piece writes handed to the store's writer, by file.
+#[derive(Default)]
+struct Writes {
+    total: usize,
+    bytes: usize,
+    by_file: BTreeMap<FileId, usize>,
+}
+
+impl Writes {
+    fn start(&mut self, file: FileId, bytes: usize) {
+        self.total += 1;
+        self.bytes += bytes;
+        *self.by_file.entry(file).or_default() += 1;
+    }
+
+    /// A write finished: the store counts the piece (if it succeeded) and
+    /// streaming readers wake.
+    fn finish<S: Store>(
+        &mut self,
+        store: &mut S,
+        counters: &mut DriverCounters,
+        stored: &watch::Sender<u64>,
+        done: WriteDone,
+    ) {
+        self.total = self.total.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(done.bytes);
+        if let Some(count) = self.by_file.get_mut(&done.file) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_file.remove(&done.file);
+            }
+        }
+        match store.commit_write(&done.file, done.piece, done.result) {
+            Ok(()) => stored.send_modify(|stored| *stored += 1),
+            Err(_) => counters.store_errors += 1,
+        }
+    }
+}
+
+/// The store's writer: runs piece writes in order on a blocking thread,
+/// gathering the jobs already queued into one batch (one sync per file per
+/// batch), so the loop never waits for a disk sync unless
+/// `store_writes_queued_max` are in flight. Stores that write
+/// synchronously never send it anything.
+async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<WriteDone>) {
+    // Pieces whose write failed, by file: later bitfields leave them out.
+    let mut failed: BTreeMap<FileId, Vec<PieceIndex>> = BTreeMap::new();
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while let Ok(job) = jobs.try_recv() {
+            batch.push(job);
+        }
+        let keys: Vec<(FileId, PieceIndex)> = batch.iter().map(|job| (job.file(), job.piece())).collect();
+        let sizes: Vec<usize> = batch.iter().map(PieceWrite::len).collect();
+        let skip = failed.clone();
+        let results =
+            tokio::task::spawn_blocking(move || PieceWrite::run_batch(batch, &skip)).await.unwrap_or_else(|_| {
+                keys.iter()
+                    .map(|&(file, piece)| {
+                        let interrupted = std::io::Error::other("piece write interrupted");
+                        (
+                            file,
+                            piece,
+                            Err(StoreError::Io { op: "write piece", path: PathBuf::new(), source: interrupted }),
+                        )
+                    })
+                    .collect()
+            });
+        for ((file, piece, result), bytes) in results.into_iter().zip(sizes) {
+            if result.is_err() {
+                let pieces = failed.entry(file).or_default();
+                if !pieces.contains(&piece) {
+                    pieces.push(piece);
+                }
+            }
+            if done.send(WriteDone { file, piece, bytes, result }).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One open connection, as the loop knows it.
+struct ConnEntry {
+    writer: mpsc::Sender<Message>,
+    /// Blocks in the writer's queue, shared with it.
+    blocks: Arc<std::sync::Mutex<BlockQueue>>,
+    node: NodeId,
+    addr: SocketAddr,
+    outbound: bool,
+    opened: tokio::time::Instant,
+}
+
+/// What the loop remembers on behalf of the user commands (API, CLI).
+#[derive(Default)]
+struct Control {
+    /// Requested files whose manifest is not known: being looked up, or
+    /// not found (at most `gets_tracked_max`).
+    gets: BTreeMap<FileId, FileState>,
+    /// Searches whose caller waits for the hits (at most
+    /// `searches_waiting_max`).
+    searches: BTreeMap<QueryId, oneshot::Sender<Result<Vec<KeywordEntry>, CommandError>>>,
+    /// Lookups finished and succeeded, by purpose.
+    lookups: BTreeMap<&'static str, (u64, u64)>,
+    /// Downloads whose manifest carries no piece hashes: the store entry
+    /// is created once the exchange has fetched and proven them.
+    awaiting_hashes: BTreeMap<FileId, FileManifest>,
+}
+
+/// The loop's state, borrowed for one command or event.
+struct Context<'a, S> {
+    node: &'a mut Node,
+    store: &'a mut S,
+    control: &'a mut Control,
+    counters: &'a mut DriverCounters,
+    conns: &'a BTreeMap<ConnId, ConnEntry>,
+    config: &'a DriverConfig,
+}
+
+fn lookup_name(kind: LookupKind) -> &'static str {
+    match kind {
+        LookupKind::Bootstrap => "bootstrap",
+        LookupKind::Manifest => "manifest",
+        LookupKind::Providers => "providers",
+        LookupKind::Publish => "publish",
+        LookupKind::Search => "search",
+        LookupKind::FindNode => "find_node",
+        _ => "other",
+    }
+}
+
+impl<S: Store> Context<'_, S> {
+    /// Carry out one command; `Break` stops the driver.
+    fn command(
+        &mut self,
+        now: Instant,
+        command: Command,
+        traffic: &Traffic,
+        epoch: tokio::time::Instant,
+        identity: &Identity,
+    ) -> std::ops::ControlFlow<()> {
+        match command {
+            Command::Shutdown => return std::ops::ControlFlow::Break(()),
+            Command::Bootstrap(seeds) => self.node.bootstrap(now, &seeds),
+            Command::Share { file } => {
+                let manifest = self.store.manifest(&file).cloned();
+                let hashes = self.store.piece_hashes(&file).map(<[_]>::to_vec);
+                if let (Some(manifest), Some(hashes)) = (manifest, hashes) {
+                    self.node.share(now, manifest, hashes);
+                }
+            }
+            Command::Get { file } => {
+                self.fetch(now, file);
+            }
+            Command::Search { text } => {
+                self.node.search(now, &text);
+            }
+            Command::Lookup { target } => {
+                self.node.find_node(now, target);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status(traffic, epoch, identity));
+            }
+            Command::Peers { reply } => {
+                let peers = self
+                    .conns
+                    .values()
+                    .map(|entry| PeerView {
+                        node_id: entry.node.to_string(),
+                        addr: entry.addr,
+                        outbound: entry.outbound,
+                        connected_s: entry.opened.elapsed().as_secs(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::Files { reply } => {
+                let mut files: Vec<FileView> =
+                    self.store.files().iter().map(|status| self.stored_view(status)).collect();
+                files.extend(
+                    self.control.awaiting_hashes.iter().map(|(file, manifest)| self.awaiting_view(file, manifest)),
+                );
+                files.extend(self.control.gets.iter().map(|(file, state)| pending_view(file, *state)));
+                let _ = reply.send(files);
+            }
+            Command::File { file, reply } => {
+                let _ = reply.send(self.view(&file));
+            }
+            Command::ShareLocal { path, manifest, piece_hashes, reply } => {
+                let _ = reply.send(self.share_local(now, &path, manifest, piece_hashes));
+            }
+            Command::Fetch { file, reply } => {
+                let _ = reply.send(self.fetch(now, file));
+            }
+            Command::Remove { file, reply } => {
+                let _ = reply.send(self.remove(now, file));
+            }
+            Command::SearchFor { text, reply } => {
+                self.control.searches.retain(|_, waiting| !waiting.is_closed());
+                if self.control.searches.len() >= self.config.searches_waiting_max {
+                    let _ = reply.send(Err(CommandError::Busy("search")));
+                } else {
+                    let query = self.node.search(now, &text);
+                    self.control.searches.insert(query, reply);
+                }
+            }
+            Command::Stream { file, from } => self.node.stream(now, file, from),
+            Command::ReadPiece { file, piece, reply } => {
+                let _ = reply.send(self.read_piece(&file, piece));
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+
+    /// Bookkeeping for one node event (before the observer sees it).
+    fn event(&mut self, now: Instant, event: &NodeEvent) {
+        match event {
+            NodeEvent::DownloadStarted { file, manifest } => {
+                if self.control.gets.remove(file).is_none() {
+                    // Removed while its manifest was being looked up.
+                    self.node.remove(now, *file);
+                    return;
+                }
+                match manifest.piece_hashes.as_deref() {
+                    Some(hashes) => {
+                        self.counters.store_errors += u64::from(self.store.create(manifest, hashes).is_err());
+                    }
+                    None => {
+                        if self.control.awaiting_hashes.len() >= self.config.gets_tracked_max {
+                            self.control.awaiting_hashes.pop_first();
+                        }
+                        self.control.awaiting_hashes.insert(*file, manifest.clone());
+                    }
+                }
+            }
+            NodeEvent::ManifestNotFound { file } => {
+                if let Some(state) = self.control.gets.get_mut(file) {
+                    *state = FileState::NotFound;
+                }
+            }
+            NodeEvent::SearchResults { id, entries } => {
+                if let Some(reply) = self.control.searches.remove(id) {
+                    let hits = entries.iter().take(self.config.search_results_max).cloned().collect();
+                    let _ = reply.send(Ok(hits));
+                }
+            }
+            NodeEvent::Lookup { kind, stats } => {
+                let line = self.control.lookups.entry(lookup_name(*kind)).or_default();
+                line.0 += 1;
+                line.1 += u64::from(stats.success);
+            }
+            _ => {}
+        }
+    }
+
+    fn status(&self, traffic: &Traffic, epoch: tokio::time::Instant, identity: &Identity) -> NodeStatus {
+        let exchange = self.node.exchange().stats();
+        let gossip = self.node.gossip().counters();
+        let files = self.store.files();
+        let seeding = files.iter().filter(|f| f.held_pieces == f.piece_count).count();
+        NodeStatus {
+            node_id: identity.node_id().to_string(),
+            listen: Some(self.node.local().addr),
+            uptime_s: epoch.elapsed().as_secs(),
+            peers: self.conns.len(),
+            routing_contacts: self.node.kad().table().len(),
+            files_seeding: seeding,
+            files_downloading: files.len() - seeding + self.control.awaiting_hashes.len(),
+            traffic: FrameKind::ALL
+                .iter()
+                .map(|&kind| TrafficLine {
+                    kind: kind.name().to_owned(),
+                    sent_bytes: traffic.sent(kind),
+                    received_bytes: traffic.received(kind),
+                })
+                .collect(),
+            pieces_verified: exchange.pieces_verified,
+            pieces_failed: exchange.pieces_failed,
+            blocks_served: exchange.blocks_served,
+            wasted_bytes: exchange.wasted_bytes,
+            lookups: self
+                .control
+                .lookups
+                .iter()
+                .map(|(kind, (total, succeeded))| LookupLine {
+                    kind: (*kind).to_owned(),
+                    total: *total,
+                    succeeded: *succeeded,
+                })
+                .collect(),
+            gossip_published: gossip.published,
+            gossip_delivered: gossip.delivered,
+            gossip_duplicates: gossip.duplicates,
+            store_errors: self.counters.store_errors,
+            slow_peers: self.counters.slow_peers,
+            blocks_cancelled: self.counters.blocks_cancelled,
+            handshakes_failed: self.counters.handshakes_failed,
+            connections_refused: self.counters.connections_refused,
+        }
+    }
+
+    /// A file in the store.
+    fn stored_view(&self, status: &FileStatus) -> FileView {
+        let file = status.file;
+        let manifest = self.store.manifest(&file);
+        let layout = manifest.and_then(|m| m.layout().ok());
+        let complete = status.held_pieces == status.piece_count;
+        let bytes_held = match (layout, self.store.held(&file)) {
+            (Some(layout), _) if complete => layout.file_bytes(),
+            (Some(layout), Ok(held)) => {
+                let last = PieceIndex(status.piece_count.saturating_sub(1));
+                let full = u64::from(status.held_pieces) * u64::from(layout.piece_bytes());
+                if held.contains(last) {
+                    full - u64::from(layout.piece_bytes()) + u64::from(layout.piece_len(last))
+                } else {
+                    full
+                }
+            }
+            _ => 0,
+        };
+        FileView {
+            id: file.to_string(),
+            state: if complete { FileState::Complete } else { FileState::Downloading },
+            name: manifest.map(|m| m.name.clone()).unwrap_or_default(),
+            size: manifest.map_or(0, |m| m.size),
+            piece_bytes: layout.map_or(0, |l| l.piece_bytes()),
+            pieces: status.piece_count,
+            pieces_held: status.held_pieces,
+            bytes_held,
+            peers: self.node.exchange().peer_count(&file),
+            shared: status.shared,
+        }
+    }
+
+    /// A download still fetching its piece hashes.
+    fn awaiting_view(&self, file: &FileId, manifest: &FileManifest) -> FileView {
+        let layout = manifest.layout().ok();
+        FileView {
+            id: file.to_string(),
+            state: FileState::Downloading,
+            name: manifest.name.clone(),
+            size: manifest.size,
+            piece_bytes: layout.map_or(0, |l| l.piece_bytes()),
+            pieces: layout.map_or(0, |l| l.piece_count()),
+            pieces_held: 0,
+            bytes_held: 0,
+            peers: self.node.exchange().peer_count(file),
+            shared: false,
+        }
+    }
+
+    fn view(&self, file: &FileId) -> Option<FileView> {
+        if let Ok(held) = self.store.held(file) {
+            let status = FileStatus {
+                file: *file,
+                held_pieces: held.count(),
+                piece_count: held.piece_count(),
+                shared: self.store.files().iter().any(|f| f.file == *file && f.shared),
+            };
+            return Some(self.stored_view(&status));
+        }
+        if let Some(manifest) = self.control.awaiting_hashes.get(file) {
+            return Some(self.awaiting_view(file, manifest));
+        }
+        self.control.gets.get(file).map(|state| pending_view(file, *state))
+    }
+
+    /// Start fetching `file` unless it is here or on its way; say where it
+    /// stands.
+    fn fetch(&mut self, now: Instant, file: FileId) -> FileView {
+        if let Some(view) = self.view(&file).filter(|v| v.state != FileState::NotFound) {
+            return view;
+        }
+        if self.control.gets.len() >= self.config.gets_tracked_max && !self.control.gets.contains_key(&file) {
+            let oldest = self
+                .control
+                .gets
+                .iter()
+                .find(|(_, state)| **state == FileState::NotFound)
+                .map(|(f, _)| *f)
+                .or_else(|| self.control.gets.keys().next().copied());
+            if let Some(oldest) = oldest {
+                self.control.gets.remove(&oldest);
+            }
+        }
+        self.control.gets.insert(file, FileState::FindingManifest);
+        self.node.get(now, file);
+        pending_view(&file, FileState::FindingManifest)
+    }
+
+    fn share_local(
+        &mut self,
+        now: Instant,
+        path: &std::path::Path,
+        manifest: FileManifest,
+        piece_hashes: Vec<PieceHash>,
+    ) -> Result<FileId, CommandError> {
+        let file = manifest.validate().map_err(|e| CommandError::Store(e.to_string()))?;
+        if let Ok(held) = self.store.held(&file) {
+            // The same content again (under any name) is already served.
+            return if held.is_complete() { Ok(file) } else { Err(CommandError::AlreadyPresent(file.to_string())) };
+        }
+        self.store.share_path(path, &manifest, &piece_hashes).map_err(|e| CommandError::Store(e.to_string()))?;
+        self.control.gets.remove(&file);
+        self.node.share(now, manifest, piece_hashes);
+        Ok(file)
+    }
+
+    fn remove(&mut self, now: Instant, file: FileId) -> Result<(), CommandError> {
+        let in_store = self.store.manifest(&file).is_some();
+        let pending = self.control.gets.remove(&file).is_some();
+        let awaiting = self.control.awaiting_hashes.remove(&file).is_some();
+        if !(in_store || pending || awaiting) {
+            return Err(CommandError::UnknownFile(file.to_string()));
+        }
+        self.node.remove(now, file);
+        if in_store {
+            self.store.remove(&file).map_err(|e| CommandError::Store(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// A whole verified piece, read block by block (a piece is at most
+    /// 16 MiB; the streaming reader asks for one at a time).
+    fn read_piece(&mut self, file: &FileId, piece: PieceIndex) -> PieceRead {
+        let Some(layout) = self.store.manifest(file).and_then(|m| m.layout().ok()) else {
+            return PieceRead::Unknown;
+        };
+        if piece.0 >= layout.piece_count() {
+            return PieceRead::Unknown;
+        }
+        match self.store.held(file) {
+            Ok(held) if held.contains(piece) => {}
+            Ok(_) => return PieceRead::Missing,
+            Err(_) => return PieceRead::Unknown,
+        }
+        let piece_bytes = layout.piece_len(piece);
+        let mut bytes = bytes::BytesMut::with_capacity(piece_bytes as usize);
+        let mut offset = 0;
+        while offset < piece_bytes {
+            let length = BLOCK_BYTES.min(piece_bytes - offset);
+            match self.store.read_block(file, piece, offset, length) {
+                Ok(block) => bytes.extend_from_slice(&block),
+                Err(error) => {
+                    self.counters.store_errors += 1;
+                    return PieceRead::Unreadable(error.to_string());
+                }
+            }
+            offset += length;
+        }
+        PieceRead::Held(bytes.freeze())
+    }
+}
+
+fn pending_view(file: &FileId, state: FileState) -> FileView {
+    FileView {
+        id: file.to_string(),
+        state,
+        name: String::new(),
+        size: 0,
+        piece_bytes: 0,
+        pieces: 0,
+        pieces_held: 0,
+        bytes_held: 0,
+        peers: 0,
+        shared: false,
     }
 }
 
@@ -492,29 +1186,17 @@ fn resume_from_store<S: Store>(node: &mut Node, store: &S, now: Instant) {
     }
 }
 
-/// Prepare the store for a download the node started. Manifests that did
-/// not carry their piece hashes are not supported by the store yet.
-fn create_download<S: Store>(store: &mut S, manifest: &FileManifest, counters: &mut DriverCounters) {
-    let Some(hashes) = manifest.piece_hashes.as_deref() else {
-        counters.store_errors += 1;
-        return;
-    };
-    if store.create(manifest, hashes).is_err() {
-        counters.store_errors += 1;
-    }
-}
-
 /// Queue a frame for a connection's writer; a full queue disconnects it.
 fn send(
-    conns: &mut BTreeMap<ConnId, mpsc::Sender<Message>>,
+    conns: &mut BTreeMap<ConnId, ConnEntry>,
     node: &mut Node,
     counters: &mut DriverCounters,
     now: Instant,
     conn: ConnId,
     message: Message,
 ) {
-    let Some(writer) = conns.get(&conn) else { return };
-    if let Err(mpsc::error::TrySendError::Full(_)) = writer.try_send(message) {
+    let Some(entry) = conns.get(&conn) else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = entry.writer.try_send(message) {
         counters.slow_peers += 1;
         conns.remove(&conn);
         node.handle_input(now, NodeInput::Disconnected { conn });
@@ -574,10 +1256,12 @@ async fn connection<T: Transport>(
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(shared.config.conn_queue_frames_max);
-    if shared.net.send(NetEvent::Connected { conn, peer, remote, dialed, writer: tx }).await.is_err() {
+    let blocks = Arc::new(std::sync::Mutex::new(BlockQueue::default()));
+    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx, blocks: blocks.clone() };
+    if shared.net.send(connected).await.is_err() {
         return; // the driver stopped
     }
-    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
+    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx, blocks));
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
         Traffic::add(&shared.traffic.received, FrameKind::of(&message), bytes);
@@ -646,23 +1330,51 @@ where
     handshake::verify_peer(identity, &ours, &theirs, &their_proof)
 }
 
-async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer, mut rx: mpsc::Receiver<Message>) {
+/// Frames go through a buffer of `write_buffer_bytes` and out in one write
+/// when the queue runs dry (or the buffer fills): a busy connection sends
+/// many frames per system call, an idle one sends each at once.
+async fn write_loop<T: Transport>(
+    shared: Arc<Shared<T>>,
+    writer: T::Writer,
+    mut rx: mpsc::Receiver<Message>,
+    blocks: Arc<std::sync::Mutex<BlockQueue>>,
+) {
     let max = shared.config.frame_bytes_max;
+    let mut writer = tokio::io::BufWriter::with_capacity(shared.config.write_buffer_bytes, writer);
     loop {
-        let message = tokio::select! {
-            biased;
-            message = rx.recv() => match message {
-                Some(message) => message,
-                None => break, // the loop dropped us
-            },
-            () = tokio::time::sleep(shared.config.keepalive_interval) => Message::Keepalive,
+        let message = match rx.try_recv() {
+            Ok(message) => message,
+            Err(mpsc::error::TryRecvError::Disconnected) => break, // the loop dropped us
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    message = rx.recv() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                    () = tokio::time::sleep(shared.config.keepalive_interval) => Message::Keepalive,
+                }
+            }
         };
+        if let Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. }) = &message
+            && let Ok(mut queue) = blocks.lock()
+            && !queue.take((*file, *piece, *offset))
+        {
+            continue; // cancelled while queued
+        }
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
         Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
         let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
         let wait = shared.upload.lock().await.take(bytes as u64, now);
         if !wait.is_zero() {
+            // Out before the pause, so the limit shapes the wire, not the buffer.
+            if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
+                break;
+            }
             tokio::time::sleep(wait).await;
         }
         if goodbye {
@@ -670,4 +1382,22 @@ async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, mut writer: T::Writer,
         }
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_takes_back_only_a_queued_block() {
+        let mut queue = BlockQueue::default();
+        let (a, b) = ((FileId([1; 32]), PieceIndex(0), 0), (FileId([1; 32]), PieceIndex(0), 16384));
+        queue.push(a);
+        queue.push(b);
+        assert!(queue.cancel(b));
+        assert!(queue.take(a), "not cancelled: sent");
+        assert!(!queue.take(b), "cancelled while queued: dropped");
+        assert!(!queue.cancel(a), "already written: nothing to take back");
+        assert!(queue.queued.is_empty());
+    }
 }

@@ -6,6 +6,9 @@
 
 pub use shoal_core as core;
 
+pub mod api;
+pub mod client;
+pub mod control;
 pub mod driver;
 pub mod framing;
 pub mod handshake;

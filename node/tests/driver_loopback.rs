@@ -115,3 +115,45 @@ async fn a_file_shared_on_one_daemon_is_fetched_by_another_over_tcp() {
     let _ = a.task.await;
     let _ = b.task.await;
 }
+
+/// Over 1024 pieces, the manifest carries no piece hashes: the downloader
+/// fetches them from the seeder with Merkle proofs, and its store entry is
+/// created once they are known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_without_inline_hashes_is_fetched_and_stored() {
+    let piece_bytes = 16 * 1024u32;
+    let data = shoal_node::core::content::synthetic_bytes(77, 1100 * piece_bytes as usize - 5);
+    let layout = Layout::new(data.len() as u64, piece_bytes).unwrap();
+    let content = hash_buf_read(&data[..], layout).unwrap();
+    let manifest = FileManifest::new("many-pieces.bin", &content).unwrap();
+    assert!(manifest.piece_hashes.is_none(), "1100 hashes do not fit a record");
+    let file = content.file_id;
+
+    let mut sharer_store = MemoryStore::new();
+    sharer_store.add_shared(Bytes::from(data.clone()), &manifest, &content.piece_hashes).unwrap();
+    let mut b = start(12, sharer_store).await;
+    let mut c = start(13, MemoryStore::new()).await;
+    c.commands.send(Command::Bootstrap(vec![b.addr])).await.unwrap();
+    assert!(wait_for(&mut c.events, |e| matches!(e, NodeEvent::Bootstrapped { contacts } if *contacts > 0)).await);
+    assert!(wait_for(&mut b.events, |e| matches!(e, NodeEvent::Lookup { kind: LookupKind::Publish, .. })).await);
+    c.commands.send(Command::Get { file }).await.unwrap();
+    let complete = wait_for(
+        &mut c.events,
+        |e| matches!(e, NodeEvent::Exchange(ExchangeEvent::DownloadComplete { file: f }) if *f == file),
+    )
+    .await;
+    assert!(complete, "C did not complete the download");
+    for node in [&b, &c] {
+        node.commands.send(Command::Shutdown).await.unwrap();
+    }
+    let (c_counters, c_store) = c.task.await.unwrap();
+    assert_eq!(c_counters.store_errors, 0);
+    assert_eq!(c_store.piece_hashes(&file).map(<[_]>::len), Some(1100));
+    let mut fetched = Vec::new();
+    for piece in 0..layout.piece_count() {
+        fetched.extend_from_slice(&c_store.piece(&file, PieceIndex(piece)).expect("every piece stored"));
+    }
+    assert_eq!(fetched, data);
+    drop(b.events);
+    let _ = b.task.await;
+}

@@ -323,6 +323,14 @@ impl Exchange {
         self.swarms.get(file).map(Swarm::progress)
     }
 
+    /// The piece hashes of `file` once all are known: from the manifest,
+    /// or fetched from peers and proven against its root (the driver
+    /// creates a download's store entry with them).
+    #[must_use]
+    pub fn piece_hashes(&self, file: &FileId) -> Option<&[PieceHash]> {
+        self.swarms.get(file).and_then(Swarm::piece_hashes)
+    }
+
     /// Peers exchanging `file` with us.
     #[must_use]
     pub fn peer_count(&self, file: &FileId) -> usize {

@@ -182,6 +182,11 @@ impl Swarm {
         (self.have_count, self.layout.piece_count())
     }
 
+    /// Every piece hash, once known (given, or fetched and proven).
+    pub(super) fn piece_hashes(&self) -> Option<&[PieceHash]> {
+        self.hash_fetch.is_none().then_some(self.hashes.as_slice())
+    }
+
     pub(super) fn peer_count(&self) -> usize {
         self.sessions.iter().flatten().count()
     }
@@ -649,9 +654,9 @@ impl Swarm {
                 unreachable!("handled above")
             }
             ExchangeMessage::Cancel { .. } => {
-                // The driver sends queued blocks in order; a block already
-                // handed over is sent anyway and counted as waste by the
-                // peer (BEP 3 allows it).
+                // The driver takes back a block still in its send queue;
+                // one already written is sent anyway and counted as waste
+                // by the peer (BEP 3 allows it).
             }
             ExchangeMessage::Reject { piece, offset, length, .. } => {
                 if !self.layout.is_block(piece, offset, length) {

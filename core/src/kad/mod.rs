@@ -280,6 +280,18 @@ impl Kademlia {
         self.queries.len()
     }
 
+    /// A contact heard of elsewhere (a gossip peer announcement): ping it.
+    /// It joins the routing table only if it answers as that id (the
+    /// answer's sender is authenticated by the connection), so an
+    /// announcement alone cannot poison the table. Skipped for ourselves,
+    /// a known contact, or at `background_requests_inflight_max`.
+    pub fn probe(&mut self, now: Instant, contact: Contact) {
+        if contact.id == self.local.id || self.table.contains(&contact.id) {
+            return;
+        }
+        self.send_background(now, contact, Request::Ping, Purpose::Ping);
+    }
+
     // ---- handle_* ------------------------------------------------------
 
     /// Feed one input from the network.

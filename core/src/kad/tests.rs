@@ -932,3 +932,26 @@ fn only_the_closest_holder_replicates_to_a_newcomer() {
     // A contact closer to the key than us holds it too: it sends, not us.
     assert_eq!(stores_to_newcomer(near(31, 0x04), &[at(near(31, 0x01), 4)]), 0);
 }
+
+#[test]
+fn a_probed_contact_joins_the_table_only_when_it_answers_as_itself() {
+    let local = Contact { id: NodeId([1; 32]), addr: addr_of(1) };
+    let mut kad = Kademlia::new(KadConfig::default(), local, [7; 32], Instant::ZERO).unwrap();
+    let heard = Contact { id: NodeId([2; 32]), addr: addr_of(2) };
+    let now = Instant::ZERO;
+    kad.probe(now, heard);
+    let Some(KadOutput::Send { to, id, request: Request::Ping }) = kad.poll_output() else {
+        panic!("a probe pings the contact");
+    };
+    assert_eq!(to, heard);
+    assert!(!kad.table().contains(&heard.id), "not before it answers");
+    let impostor = Contact { id: NodeId([3; 32]), addr: heard.addr };
+    kad.handle_input(now, KadInput::Response { from: impostor, id, response: Response::Pong });
+    assert!(!kad.table().contains(&impostor.id) && !kad.table().contains(&heard.id), "a wrong id is ignored");
+    kad.handle_input(now, KadInput::Response { from: heard, id, response: Response::Pong });
+    assert!(kad.table().contains(&heard.id), "the answer admits it");
+    while kad.poll_output().is_some() {}
+    kad.probe(now, heard);
+    kad.probe(now, local);
+    assert_eq!(kad.poll_output(), None, "known contacts and ourselves are not probed");
+}

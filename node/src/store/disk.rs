@@ -33,7 +33,126 @@ const MANIFEST_BYTES_MAX: u64 = 1 << 20;
 /// A shared-file record is a path plus three integers.
 const SHARED_RECORD_BYTES_MAX: u64 = 64 * 1024;
 const HELD_MAGIC: &[u8; 8] = b"shoalhv1";
+/// Files kept open for reading blocks: serving opens a file once, not once
+/// per 16 KiB block; past the limit the oldest id's handle is closed.
+const READ_HANDLES_MAX: usize = 64;
 const CHECKSUM_BYTES: usize = 32;
+
+/// The slow part of writing one verified piece, to run off the driver loop
+/// ([`Store::prepare_write`]): write the bytes, sync them, then replace the
+/// bitfield with one that includes the piece. Jobs run one at a time in
+/// the order they were prepared, so each job's bitfield names only pieces
+/// whose bytes earlier jobs (or this one) already synced; pieces whose job
+/// failed are passed to later jobs to leave out.
+#[derive(Debug)]
+pub struct PieceWrite {
+    file: FileId,
+    piece: PieceIndex,
+    data_path: PathBuf,
+    offset: u64,
+    data: Bytes,
+    dir: PathBuf,
+    /// Held pieces, earlier queued pieces and this one.
+    held: HeldPieces,
+}
+
+impl PieceWrite {
+    /// The file.
+    #[must_use]
+    pub fn file(&self) -> FileId {
+        self.file
+    }
+
+    /// The piece.
+    #[must_use]
+    pub fn piece(&self) -> PieceIndex {
+        self.piece
+    }
+
+    /// The piece's length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the piece is empty (a zero-length file's only piece).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Write, sync, and record the piece (blocking; run it on a blocking
+    /// thread). `failed` are earlier pieces of this file whose job failed:
+    /// they are left out of the bitfield.
+    pub fn run(self, failed: &[PieceIndex]) -> Result<(), StoreError> {
+        let file = self.file;
+        let skip = BTreeMap::from([(file, failed.to_vec())]);
+        Self::run_batch(vec![self], &skip).pop().map_or(Ok(()), |(_, _, result)| result)
+    }
+
+    /// Run consecutive jobs as one: every piece's bytes written, one sync
+    /// per data file, then one bitfield per file (the last job's, which
+    /// names every earlier queued piece). A slow disk then costs a few
+    /// syncs per batch, not three per piece. `failed` are earlier pieces
+    /// whose job failed, by file; pieces failing here are left out too.
+    /// Returns each job's file, piece and result, in order.
+    #[must_use]
+    pub fn run_batch(
+        jobs: Vec<PieceWrite>,
+        failed: &BTreeMap<FileId, Vec<PieceIndex>>,
+    ) -> Vec<(FileId, PieceIndex, Result<(), StoreError>)> {
+        let mut results: Vec<(FileId, PieceIndex, Result<(), StoreError>)> = Vec::with_capacity(jobs.len());
+        let mut handles: BTreeMap<PathBuf, File> = BTreeMap::new();
+        for job in &jobs {
+            let path = &job.data_path;
+            let written = match handles.get(path) {
+                Some(handle) => Ok(handle),
+                None => OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io_error("open", path))
+                    .map(|handle| &*handles.entry(path.clone()).or_insert(handle)),
+            }
+            .and_then(|handle| handle.write_all_at(&job.data, job.offset).map_err(io_error("write", path)));
+            results.push((job.file, job.piece, written));
+        }
+        // Only with the bytes durable may their bits become durable.
+        for (path, handle) in &handles {
+            if let Err(source) = handle.sync_data() {
+                for (job, result) in jobs.iter().zip(results.iter_mut()) {
+                    if job.data_path == *path && result.2.is_ok() {
+                        let source = io::Error::new(source.kind(), source.to_string());
+                        result.2 = Err(StoreError::Io { op: "fsync", path: path.clone(), source });
+                    }
+                }
+            }
+        }
+        let mut last_of_file: BTreeMap<FileId, usize> = BTreeMap::new();
+        for (index, job) in jobs.iter().enumerate() {
+            last_of_file.insert(job.file, index);
+        }
+        for (file, last) in last_of_file {
+            let job = &jobs[last];
+            let mut held = job.held.clone();
+            for &piece in failed.get(&file).into_iter().flatten() {
+                held.remove(piece);
+            }
+            for (_, piece, result) in results.iter().filter(|(f, _, _)| *f == file) {
+                if result.is_err() {
+                    held.remove(*piece);
+                }
+            }
+            if let Err(error) = replace_atomically(&job.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held)) {
+                let message = error.to_string();
+                for result in results.iter_mut().filter(|(f, _, r)| *f == file && r.is_ok()) {
+                    let source = io::Error::other(message.clone());
+                    result.2 = Err(StoreError::Io { op: "record held pieces in", path: job.dir.clone(), source });
+                }
+            }
+        }
+        results
+    }
+}
 
 /// What open did about a file directory it could not fully trust.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -139,6 +258,11 @@ pub struct DiskStore {
     _lock: File,
     files: BTreeMap<FileId, DiskFile>,
     issues: Vec<LoadIssue>,
+    /// Open read handles (at most [`READ_HANDLES_MAX`]).
+    readers: BTreeMap<FileId, File>,
+    /// Pieces handed out as [`PieceWrite`] jobs and not yet committed:
+    /// served from here, not yet held. Bounded by the caller's queue.
+    queued: BTreeMap<(FileId, PieceIndex), Bytes>,
 }
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
@@ -291,7 +415,15 @@ impl DiskStore {
             }
             Err(errno) => return Err(StoreError::Io { op: "lock", path: lock_path, source: errno.into() }),
         }
-        let mut store = Self { data_dir, files_dir, _lock: lock, files: BTreeMap::new(), issues: Vec::new() };
+        let mut store = Self {
+            data_dir,
+            files_dir,
+            _lock: lock,
+            files: BTreeMap::new(),
+            issues: Vec::new(),
+            readers: BTreeMap::new(),
+            queued: BTreeMap::new(),
+        };
         store.load_all()?;
         Ok(store)
     }
@@ -521,6 +653,31 @@ impl DiskStore {
         result
     }
 
+    /// Write a piece (hash-checked if `hash`), make it durable, then mark
+    /// it held.
+    fn store_piece(&mut self, file: &FileId, piece: PieceIndex, data: &[u8], hash: bool) -> Result<(), StoreError> {
+        let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
+        entry.meta.check_piece_index(piece)?;
+        if entry.held.contains(piece) {
+            return Ok(());
+        }
+        entry.meta.check_piece(piece, data, hash)?;
+        let Source::Download { data: path } = &entry.source else {
+            // Shared files hold every piece, so this is never reached; never
+            // write into a user's file regardless.
+            return Ok(());
+        };
+        let handle = OpenOptions::new().write(true).open(path).map_err(io_error("open", path))?;
+        handle.write_all_at(data, entry.meta.layout.piece_offset(piece)).map_err(io_error("write", path))?;
+        handle.sync_data().map_err(io_error("fsync", path))?;
+        // Only now, with the bytes durable, may the bit become durable.
+        let mut held = entry.held.clone();
+        held.insert(piece);
+        replace_atomically(&entry.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))?;
+        entry.held = held;
+        Ok(())
+    }
+
     fn file(&self, file: &FileId) -> Result<&DiskFile, StoreError> {
         self.files.get(file).ok_or(StoreError::UnknownFile { file: *file })
     }
@@ -578,40 +735,102 @@ impl Store for DiskStore {
         Ok(id)
     }
 
+    fn share_path(
+        &mut self,
+        path: &Path,
+        manifest: &FileManifest,
+        piece_hashes: &[PieceHash],
+    ) -> Result<FileId, StoreError> {
+        self.add_shared(path.to_path_buf(), manifest, piece_hashes)
+    }
+
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
-        let entry = self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })?;
-        entry.meta.check_piece_index(piece)?;
-        if entry.held.contains(piece) {
-            return Ok(());
+        self.store_piece(file, piece, &data, true)
+    }
+
+    fn write_verified_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
+        self.store_piece(file, piece, &data, false)
+    }
+
+    fn prepare_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+    ) -> Option<Result<Option<PieceWrite>, StoreError>> {
+        let Some(entry) = self.files.get(file) else { return Some(Err(StoreError::UnknownFile { file: *file })) };
+        if let Err(error) = entry.meta.check_piece(piece, &data, false) {
+            return Some(Err(error));
         }
-        entry.meta.check_piece(piece, &data)?;
-        let Source::Download { data: path } = &entry.source else {
-            // Shared files hold every piece, so this is never reached; never
-            // write into a user's file regardless.
-            return Ok(());
+        let Source::Download { data: data_path } = &entry.source else {
+            return Some(Ok(None)); // a shared file holds every piece
         };
-        let handle = OpenOptions::new().write(true).open(path).map_err(io_error("open", path))?;
-        handle.write_all_at(&data, entry.meta.layout.piece_offset(piece)).map_err(io_error("write", path))?;
-        handle.sync_data().map_err(io_error("fsync", path))?;
-        // Only now, with the bytes durable, may the bit become durable.
+        if entry.held.contains(piece) || self.queued.contains_key(&(*file, piece)) {
+            return Some(Ok(None));
+        }
         let mut held = entry.held.clone();
+        for &(_, queued) in self.queued.range((*file, PieceIndex(0))..=(*file, PieceIndex(u32::MAX))).map(|(k, _)| k) {
+            held.insert(queued);
+        }
         held.insert(piece);
-        replace_atomically(&entry.dir, HELD_FILE, HELD_TMP_FILE, &encode_held(&held))?;
-        entry.held = held;
+        let job = PieceWrite {
+            file: *file,
+            piece,
+            data_path: data_path.clone(),
+            offset: entry.meta.layout.piece_offset(piece),
+            data: data.clone(),
+            dir: entry.dir.clone(),
+            held,
+        };
+        self.queued.insert((*file, piece), data);
+        Some(Ok(Some(job)))
+    }
+
+    fn commit_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        result: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.queued.remove(&(*file, piece));
+        result?;
+        if let Some(entry) = self.files.get_mut(file) {
+            entry.held.insert(piece);
+        }
         Ok(())
     }
 
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError> {
-        let entry = self.file(file)?;
+        let entry = self.files.get(file).ok_or(StoreError::UnknownFile { file: *file })?;
         entry.meta.check_block(piece, offset, length)?;
         if !entry.held.contains(piece) {
-            return Err(StoreError::NotHeld { file: *file, piece });
+            // Verified and on its way to disk: serve it from memory.
+            let Some(data) = self.queued.get(&(*file, piece)) else {
+                return Err(StoreError::NotHeld { file: *file, piece });
+            };
+            return Ok(data.slice(offset as usize..(offset + length) as usize));
         }
         let (path, record) = match &entry.source {
             Source::Download { data } => (data, None),
             Source::Shared { path, record } => (path, Some(record)),
         };
-        let handle = File::open(path).map_err(io_error("open", path))?;
+        if record.is_some()
+            && let Some(cached) = self.readers.get(file)
+            && cached.metadata().is_ok_and(|metadata| metadata.nlink() == 0)
+        {
+            // The original was deleted or replaced since it was opened: look
+            // at the path again.
+            self.readers.remove(file);
+        }
+        if !self.readers.contains_key(file) {
+            if self.readers.len() >= READ_HANDLES_MAX {
+                self.readers.pop_first();
+            }
+            self.readers.insert(*file, File::open(path).map_err(io_error("open", path))?);
+        }
+        let Some(handle) = self.readers.get(file) else {
+            return Err(StoreError::UnknownFile { file: *file });
+        };
         if let Some(record) = record {
             // Check the opened file itself, so a swap between stat and read
             // cannot slip through.
@@ -660,6 +879,8 @@ impl Store for DiskStore {
 
     fn remove(&mut self, file: &FileId) -> Result<(), StoreError> {
         let dir = self.file(file)?.dir.clone();
+        self.readers.remove(file);
+        self.queued.retain(|(queued, _), _| queued != file);
         // Deletes only the store's own directory: a shared original lives
         // elsewhere and is never touched.
         let result = self.delete_dir(&dir, file);

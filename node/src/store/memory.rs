@@ -97,13 +97,25 @@ impl Store for MemoryStore {
         Ok(id)
     }
 
+    /// Reads the whole file into memory (tests and the simulator only).
+    fn share_path(
+        &mut self,
+        path: &std::path::Path,
+        manifest: &FileManifest,
+        piece_hashes: &[PieceHash],
+    ) -> Result<FileId, StoreError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| StoreError::Io { op: "read", path: path.to_path_buf(), source })?;
+        self.add_shared(Bytes::from(bytes), manifest, piece_hashes)
+    }
+
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
         let entry = self.file_mut(file)?;
         entry.meta.check_piece_index(piece)?;
         if entry.held.contains(piece) {
             return Ok(());
         }
-        entry.meta.check_piece(piece, &data)?;
+        entry.meta.check_piece(piece, &data, true)?;
         entry.pieces[piece.0 as usize] = Some(data);
         entry.held.insert(piece);
         Ok(())

@@ -24,7 +24,7 @@ use crate::core::content::{self, BLOCK_BYTES, Layout, PieceHash};
 use crate::core::ids::{FileId, PieceIndex};
 use crate::core::manifest::{FileManifest, ManifestError};
 
-pub use disk::{DiskStore, LoadIssue, Recovery};
+pub use disk::{DiskStore, LoadIssue, PieceWrite, Recovery};
 pub use memory::MemoryStore;
 
 /// Piece storage for the node's driver. The driver calls it synchronously
@@ -66,8 +66,62 @@ pub trait Store {
         piece_hashes: &[PieceHash],
     ) -> Result<FileId, StoreError>;
 
+    /// Share the complete local file at `path` (the daemon's `share`): the
+    /// disk store serves it in place, the memory store reads it. Stores
+    /// that cannot share a path (the simulator's wrappers) keep this
+    /// default, which refuses.
+    fn share_path(
+        &mut self,
+        path: &Path,
+        manifest: &FileManifest,
+        piece_hashes: &[PieceHash],
+    ) -> Result<FileId, StoreError> {
+        let _ = (manifest, piece_hashes);
+        let unsupported = io::Error::new(io::ErrorKind::Unsupported, "this store cannot share a local path");
+        Err(StoreError::Io { op: "share", path: path.to_path_buf(), source: unsupported })
+    }
+
     /// Store one piece; `Ok` means durable and counted as held.
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError>;
+
+    /// [`write_piece`](Store::write_piece) for a piece the caller has
+    /// already checked against this file's piece hash (the driver, for the
+    /// exchange's `StorePiece`, which only carries verified pieces): a
+    /// store may skip hashing it a second time. Index and length are still
+    /// checked. The default hashes again.
+    fn write_verified_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
+        self.write_piece(file, piece, data)
+    }
+
+    /// Split a verified piece's write so that its slow part (writing and
+    /// syncing) can run off the driver loop: `None` means this store
+    /// writes synchronously (call [`write_verified_piece`](Store::write_verified_piece));
+    /// `Some(Ok(None))` that there is nothing to write (held or queued).
+    /// A queued piece is served by [`read_block`](Store::read_block) from
+    /// memory but is not [`held`](Store::held) until
+    /// [`commit_write`](Store::commit_write) reports its job done: a piece
+    /// counts only once durable. Jobs must run one at a time, in order.
+    fn prepare_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+    ) -> Option<Result<Option<PieceWrite>, StoreError>> {
+        let _ = (file, piece, data);
+        None
+    }
+
+    /// A job from [`prepare_write`](Store::prepare_write) finished with
+    /// `result`: on success the piece is held from now on.
+    fn commit_write(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        result: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _ = (file, piece);
+        result
+    }
 
     /// Read `length` bytes (1 ..= [`BLOCK_BYTES`]) at `offset` within a held
     /// piece. Reads only that block.
@@ -402,14 +456,14 @@ impl FileMeta {
         Ok(())
     }
 
-    /// Range, length and hash of a piece about to be written.
-    fn check_piece(&self, piece: PieceIndex, data: &[u8]) -> Result<(), StoreError> {
+    /// Range, length and (if `hash`) hash of a piece about to be written.
+    fn check_piece(&self, piece: PieceIndex, data: &[u8], hash: bool) -> Result<(), StoreError> {
         self.check_piece_index(piece)?;
         let expected = self.layout.piece_len(piece);
         if data.len() != expected as usize {
             return Err(StoreError::WrongPieceLength { file: self.id, piece, expected, got: data.len() });
         }
-        if !content::verify_piece(&self.hashes[piece.0 as usize], data) {
+        if hash && !content::verify_piece(&self.hashes[piece.0 as usize], data) {
             return Err(StoreError::PieceHashMismatch { file: self.id, piece });
         }
         Ok(())

@@ -135,6 +135,18 @@ fn suite_rejects_bad_pieces<S: Store>(store: &mut S) {
     assert!(matches!(store.held(&unknown), Err(StoreError::UnknownFile { .. })));
     assert!(matches!(store.read_block(&unknown, PieceIndex(0), 0, 1), Err(StoreError::UnknownFile { .. })));
     assert_eq!(store.held(&sample.id).unwrap().count(), 0, "a rejected piece was counted");
+    // A piece the caller verified skips the hash, not the other checks.
+    assert!(matches!(
+        store.write_verified_piece(&sample.id, PieceIndex(5), sample.piece(4)),
+        Err(StoreError::WrongPieceLength { .. })
+    ));
+    assert!(matches!(
+        store.write_verified_piece(&sample.id, PieceIndex(6), sample.piece(5)),
+        Err(StoreError::PieceOutOfRange { .. })
+    ));
+    store.write_verified_piece(&sample.id, PieceIndex(1), sample.piece(1)).unwrap();
+    assert!(store.held(&sample.id).unwrap().contains(PieceIndex(1)));
+    assert_eq!(store.read_block(&sample.id, PieceIndex(1), 0, 16).unwrap(), sample.block(1, 0, 16));
 }
 
 fn suite_block_bounds<S: Store>(store: &mut S) {
@@ -802,4 +814,36 @@ fn disk_verify_held_catches_a_shared_change_the_mtime_check_misses() {
     // ...a scrub can. The user's file is not touched.
     assert_eq!(store.verify_held(&sample.id).unwrap(), [PieceIndex(3)]);
     assert_eq!(fs::read(&original).unwrap(), changed);
+}
+
+#[test]
+fn disk_background_writes_serve_at_once_and_count_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = Sample::small(21);
+    {
+        let mut store = open(dir.path());
+        store.create(&sample.manifest, &sample.hashes).unwrap();
+        let first = store.prepare_write(&sample.id, PieceIndex(1), sample.piece(1)).unwrap().unwrap().unwrap();
+        let second = store.prepare_write(&sample.id, PieceIndex(3), sample.piece(3)).unwrap().unwrap().unwrap();
+        assert!(
+            store.prepare_write(&sample.id, PieceIndex(1), sample.piece(1)).unwrap().unwrap().is_none(),
+            "queued once"
+        );
+        // Served from memory while queued, but not held yet.
+        assert_eq!(store.read_block(&sample.id, PieceIndex(3), 16, 100).unwrap(), sample.block(3, 16, 100));
+        assert_eq!(store.held(&sample.id).unwrap().count(), 0);
+        // The first job fails; the second leaves its piece out of the bitfield.
+        store
+            .commit_write(&sample.id, first.piece(), Err(StoreError::NotHeld { file: sample.id, piece: PieceIndex(1) }))
+            .unwrap_err();
+        second.run(&[PieceIndex(1)]).unwrap();
+        store.commit_write(&sample.id, PieceIndex(3), Ok(())).unwrap();
+        assert_eq!(store.held(&sample.id).unwrap().indices(), [PieceIndex(3)]);
+        assert!(matches!(store.read_block(&sample.id, PieceIndex(1), 0, 16), Err(StoreError::NotHeld { .. })));
+        drop(first);
+    }
+    // What the job wrote is what a restart finds.
+    let mut store = open(dir.path());
+    assert_eq!(store.held(&sample.id).unwrap().indices(), [PieceIndex(3)]);
+    assert_eq!(store.read_block(&sample.id, PieceIndex(3), 0, 16).unwrap(), sample.block(3, 0, 16));
 }
