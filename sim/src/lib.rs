@@ -6,6 +6,7 @@
 
 pub use shoal_node as node;
 
+pub mod des;
 pub mod model;
 pub mod observe;
 pub mod stores;
@@ -33,7 +34,7 @@ pub fn run(scenario: &Scenario, progress: Option<&mut dyn FnMut(turmoil_engine::
     let plan = scenario.plan()?;
     let outcome = match scenario.engine {
         EngineKind::Turmoil => turmoil_engine::run(scenario, &plan, progress)?,
-        EngineKind::Des => return Err("the des engine has not landed yet".into()),
+        EngineKind::Des => des::run(scenario, &plan, progress)?,
     };
     let summary = summary::summarize(scenario, &plan, &outcome);
     Ok(Run { plan, outcome, summary })

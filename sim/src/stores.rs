@@ -71,7 +71,7 @@ impl<S: Store> Store for CorruptingStore<S> {
     }
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> StoreResult<Bytes> {
         let block = self.0.read_block(file, piece, offset, length)?;
-        Ok(block.iter().map(|b| !b).collect::<Vec<u8>>().into())
+        Ok(corrupt_block(&block))
     }
     fn held(&self, file: &FileId) -> StoreResult<shoal_node::store::HeldPieces> {
         self.0.held(file)
@@ -88,6 +88,12 @@ impl<S: Store> Store for CorruptingStore<S> {
     fn remove(&mut self, file: &FileId) -> StoreResult<()> {
         self.0.remove(file)
     }
+}
+
+/// What a corrupting host serves for a block: every byte flipped.
+#[must_use]
+pub fn corrupt_block(block: &[u8]) -> Bytes {
+    block.iter().map(|b| !b).collect::<Vec<u8>>().into()
 }
 
 type StoreResult<T> = Result<T, shoal_node::store::StoreError>;

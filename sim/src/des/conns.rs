@@ -1,0 +1,101 @@
+//! Connections between simulated hosts, with the lifecycle the node's
+//! driver gives the core: a dial becomes a connection after the TCP and
+//! handshake round trips, frames flow in order, and a connection ends by
+//! a goodbye, a crash (the peer sees the reset) or, on a link a partition
+//! cut, by the reader's idle timeout (turmoil's partitioned streams stay
+//! silent forever, SIM_NOTES.md; the driver's keepalives stop arriving).
+
+use shoal_node::core::ids::ConnId;
+
+/// One side of a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct End {
+    /// Host index.
+    pub(crate) host: u32,
+    /// The host's incarnation when the connection was opened: a restarted
+    /// host never sees a connection of its previous life.
+    pub(crate) incarnation: u32,
+    /// The side's handle, once its handshake finished; `None` before, and
+    /// after this side closed.
+    pub(crate) conn: Option<ConnId>,
+    /// Whether this side still reads and writes.
+    pub(crate) open: bool,
+}
+
+/// A connection between two hosts; side 0 dialled, side 1 accepted.
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    pub(crate) ends: [End; 2],
+    /// When the dial started (µs), for the handshake timeout.
+    pub(crate) dialed_at_us: u64,
+    /// A partition cut it: every frame is lost from now on, even after the
+    /// heal.
+    pub(crate) wedged: bool,
+    /// Latest arrival scheduled towards each side: frames of one
+    /// connection arrive in order, whatever the jitter.
+    pub(crate) last_arrival_us: [u64; 2],
+    /// When each side last wrote a frame (its writer's keepalive clock).
+    pub(crate) last_sent_us: [u64; 2],
+    /// When each side last received a frame (its reader's idle clock).
+    pub(crate) last_received_us: [u64; 2],
+}
+
+impl Link {
+    pub(crate) fn new(dialer: (u32, u32), acceptor: (u32, u32), now_us: u64) -> Self {
+        let end = |(host, incarnation)| End { host, incarnation, conn: None, open: true };
+        Self {
+            ends: [end(dialer), end(acceptor)],
+            dialed_at_us: now_us,
+            wedged: false,
+            last_arrival_us: [now_us; 2],
+            last_sent_us: [now_us; 2],
+            last_received_us: [now_us; 2],
+        }
+    }
+
+    /// Which side `host` is on.
+    pub(crate) fn side_of(&self, host: u32) -> Option<usize> {
+        self.ends.iter().position(|e| e.host == host)
+    }
+
+    /// Both sides closed: nothing refers to it any more.
+    pub(crate) fn is_dead(&self) -> bool {
+        !self.ends[0].open && !self.ends[1].open
+    }
+
+    /// When side `side`'s reader gives up on a link wedged at `now_us`:
+    /// `idle_us` after the last frame it heard. Besides real frames it
+    /// heard the peer's keepalives, written `keepalive_us` after the peer's
+    /// last frame and every `keepalive_us` since (the driver's writer), each
+    /// `latency_us` in flight; those are computed, not simulated, so an
+    /// idle connection costs no events.
+    pub(crate) fn idle_close_at(&self, side: usize, now_us: u64, latency_us: u64, keepalive_us: u64, idle_us: u64) -> u64 {
+        let peer_sent = self.last_sent_us[1 - side];
+        let mut heard = self.last_received_us[side];
+        if keepalive_us > 0 && now_us >= peer_sent + latency_us {
+            let beats = (now_us - latency_us - peer_sent) / keepalive_us;
+            heard = heard.max(peer_sent + beats * keepalive_us + latency_us);
+        }
+        heard.saturating_add(idle_us).max(now_us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000;
+
+    #[test]
+    fn a_wedged_reader_times_out_after_the_last_keepalive_it_heard() {
+        let mut link = Link::new((0, 0), (1, 0), 0);
+        link.last_sent_us = [10 * S, 10 * S];
+        link.last_received_us = [10 * S, 10 * S];
+        // Peer's last frame at 10 s; keepalives at 25 s, 40 s, 55 s (+10 ms).
+        let at = link.idle_close_at(0, 50 * S, 10_000, 15 * S, 45 * S);
+        assert_eq!(at, 40 * S + 10_000 + 45 * S);
+        // Wedged before the first keepalive: the real frame is the last.
+        let at = link.idle_close_at(1, 20 * S, 10_000, 15 * S, 45 * S);
+        assert_eq!(at, 10 * S + 10_000 + 45 * S);
+    }
+}
