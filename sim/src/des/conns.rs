@@ -5,7 +5,10 @@
 //! cut, by the reader's idle timeout (turmoil's partitioned streams stay
 //! silent forever, SIM_NOTES.md; the driver's keepalives stop arriving).
 
+use std::collections::VecDeque;
+
 use shoal_node::core::ids::ConnId;
+use shoal_node::core::wire::Message;
 
 /// One side of a connection.
 #[derive(Clone, Debug)]
@@ -18,7 +21,23 @@ pub(crate) struct End {
     /// The side's handle, once its handshake finished; `None` before, and
     /// after this side closed.
     pub(crate) conn: Option<ConnId>,
-    /// Whether this side still reads and writes.
+    /// Whether this side still reads (and its node knows the connection).
+    pub(crate) open: bool,
+    /// Its writer: frames not yet written, in order.
+    pub(crate) writer: Writer,
+}
+
+/// One side's writer, as the driver's `write_loop`: a frame is written
+/// when the writer is free, then the writer sleeps for the upload
+/// bucket's debt before the next.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Writer {
+    /// Frames waiting, with their encoded size.
+    pub(crate) queue: VecDeque<(Message, u32)>,
+    /// The writer sleeps until then.
+    pub(crate) busy_until_us: u64,
+    /// Whether it still writes (it stops after a goodbye, a crash, or when
+    /// its reader saw the connection end).
     pub(crate) open: bool,
 }
 
@@ -42,7 +61,13 @@ pub(crate) struct Link {
 
 impl Link {
     pub(crate) fn new(dialer: (u32, u32), acceptor: (u32, u32), now_us: u64) -> Self {
-        let end = |(host, incarnation)| End { host, incarnation, conn: None, open: true };
+        let end = |(host, incarnation)| End {
+            host,
+            incarnation,
+            conn: None,
+            open: true,
+            writer: Writer { open: true, ..Writer::default() },
+        };
         Self {
             ends: [end(dialer), end(acceptor)],
             dialed_at_us: now_us,
@@ -58,9 +83,18 @@ impl Link {
         self.ends.iter().position(|e| e.host == host)
     }
 
-    /// Both sides closed: nothing refers to it any more.
+    /// Both sides stopped reading and writing: nothing refers to it.
     pub(crate) fn is_dead(&self) -> bool {
-        !self.ends[0].open && !self.ends[1].open
+        self.ends.iter().all(|e| !e.open && !e.writer.open)
+    }
+
+    /// Side `side` stops for good: no reads, no writes, queue dropped.
+    pub(crate) fn shut(&mut self, side: usize) {
+        let end = &mut self.ends[side];
+        end.open = false;
+        end.conn = None;
+        end.writer.open = false;
+        end.writer.queue.clear();
     }
 
     /// When side `side`'s reader gives up on a link wedged at `now_us`:

@@ -16,13 +16,19 @@
 //! The driver's limits and timeouts are read from `DriverConfig`'s
 //! defaults, so the two stay in step.
 //!
-//! Bandwidth: a frame of B bytes occupies the sender's uplink for B/up,
-//! travels for the pair's latency (plus seeded jitter), then occupies the
-//! receiver's downlink for B/down ([`links`]). Frame sizes are the real
-//! encoded lengths (`shoal_core::wire::encode_parts`); handshake frames are
-//! counted (their size is computed once) but, as in the driver, bypass the
-//! rate limits; keepalives are not simulated (idle connections cost
-//! nothing) and so are not in the byte counts.
+//! Bandwidth is the driver's own model, with its own code: each host has an
+//! upload and a download [`TokenBucket`] (the driver's burst). Each side
+//! of a connection has a writer ([`conns::Writer`]) that, as the driver's
+//! `write_loop`, writes a frame when free and then sleeps for the upload
+//! bucket's debt; so a host's frames of B bytes occupy its uplink for
+//! B/up in total, in order on each connection. A frame then travels for
+//! the pair's latency (plus seeded jitter), and the receiver's reader takes
+//! B from its download bucket and hands the frame over after the wait
+//! (B/down once the burst is spent). Frame sizes are the real encoded
+//! lengths (`shoal_core::wire::encode_parts`); handshake frames are counted
+//! (their size is computed once) but, as in the driver, bypass the rate
+//! limits; keepalives are not simulated (idle connections cost nothing)
+//! and so are not in the byte counts.
 //!
 //! Memory: a file's pieces are `Bytes` slices of one buffer
 //! ([`FileContent`]); every store holding the file holds slices of it.
@@ -32,7 +38,6 @@
 //! seed, same trace hash.
 
 mod conns;
-mod links;
 mod queue;
 
 use std::collections::BTreeMap;
@@ -48,6 +53,7 @@ use shoal_node::core::time::Instant;
 use shoal_node::core::wire::{Contact, ExchangeMessage, GoodbyeReason, Hello, HelloProof, Message, Signature};
 use shoal_node::driver::{DriverConfig, FrameKind};
 use shoal_node::identity::Identity;
+use shoal_node::ratelimit::TokenBucket;
 use shoal_node::store::{MemoryStore, Store};
 
 use crate::model::{Action, Behaviour, EngineKind, Plan, Scenario, derive_seed, purpose};
@@ -55,7 +61,6 @@ use crate::observe::{Collector, Fact, Outcome};
 use crate::stores::{FileContent, corrupt_block};
 use crate::turmoil_engine::{PORT, Progress};
 use conns::Link;
-use links::Pipe;
 use queue::EventQueue;
 
 /// Partitions that may be in force at once (one bit each per host).
@@ -66,6 +71,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const ADDR_BASE: u32 = 0x0A00_0001;
 /// Hosts the address plan can number (10.0.0.1 to 10.255.255.255).
 const ADDR_HOSTS_MAX: usize = 0x00FF_FFFF;
+/// One-way flights before a dial is a connection on both sides: the SYN
+/// (turmoil's connect returns when it arrives), the hellos, the proofs.
+const HANDSHAKE_FLIGHTS: u64 = 3;
+/// The rate limiters' burst: `Driver::bind` uses four blocks.
+const BUCKET_BURST_BYTES: u64 = 4 * 16 * 1024;
 
 /// Why a run stopped early.
 type RunResult<T> = Result<T, String>;
@@ -81,12 +91,11 @@ enum Event {
     DialFailed { host: u32, incarnation: u32, addr: SocketAddr },
     /// The accepting side finished its handshake.
     Accept { link: u64 },
-    /// The dialling side finished its handshake; `refused` when the
-    /// acceptor was full and sent a goodbye right behind its proof.
-    Connected { link: u64, refused: bool },
-    /// A frame reached the receiver's downlink.
+    /// A side's writer woke from its upload wait.
+    WriterReady { link: u64, side: u8 },
+    /// A frame reached the receiver's reader.
     Arrive { link: u64, to: u8, bytes: u32, message: Box<Message> },
-    /// A frame left the receiver's downlink: the driver hands it over.
+    /// The reader's download wait ended: the driver hands it over.
     Deliver { link: u64, to: u8, message: Box<Message> },
     /// One side learns its connection ended (reset or idle timeout).
     Close { link: u64, side: u8 },
@@ -119,13 +128,17 @@ struct Host {
     conns: BTreeMap<ConnId, u64>,
     next_conn: u64,
     dialing: usize,
+    /// Simulated time (µs) its incarnation started: its clock's zero.
+    epoch_us: u64,
+    /// Its node's deadline, in simulated time (µs).
     timer_us: Option<u64>,
     asked: Vec<usize>,
     pending: Vec<Command>,
     /// Bit p: on the cut-off side of partition p.
     partitions: u64,
-    uplink: Pipe,
-    downlink: Pipe,
+    /// The driver's rate limiters (new with each incarnation).
+    upload: TokenBucket,
+    download: TokenBucket,
 }
 
 /// Counters of the engine itself.
@@ -139,6 +152,7 @@ struct Counters {
     dials_failed: u64,
     connections_refused: u64,
     store_errors: u64,
+    slow_peers: u64,
 }
 
 struct Engine<'a> {
@@ -277,12 +291,13 @@ impl<'a> Engine<'a> {
                 conns: BTreeMap::new(),
                 next_conn: 1,
                 dialing: 0,
+                epoch_us: 0,
                 timer_us: None,
                 asked: Vec::new(),
                 pending: Vec::new(),
                 partitions: 0,
-                uplink: Pipe::new(h.uplink),
-                downlink: Pipe::new(h.downlink),
+                upload: TokenBucket::new(h.uplink, BUCKET_BURST_BYTES, Duration::ZERO),
+                download: TokenBucket::new(h.downlink, BUCKET_BURST_BYTES, Duration::ZERO),
             })
             .collect();
         let driver = DriverConfig::new(host_addr(0));
@@ -314,8 +329,10 @@ impl<'a> Engine<'a> {
         })
     }
 
-    fn now(&self) -> Instant {
-        Instant::from_micros(self.now_us)
+    /// A host's clock, as its driver's: time since this incarnation
+    /// started (`Driver::bind` takes its epoch then).
+    fn host_now(&self, host: usize) -> Instant {
+        Instant::from_micros(self.now_us.saturating_sub(self.hosts[host].epoch_us))
     }
 
     fn sim_now(&self) -> Duration {
@@ -444,8 +461,6 @@ impl<'a> Engine<'a> {
         h.timer_us = None;
         h.dialing = 0;
         h.pending.clear();
-        h.uplink.reset();
-        h.downlink.reset();
         let conns = std::mem::take(&mut h.conns);
         for link in conns.into_values() {
             self.reset(host as u32, link);
@@ -458,8 +473,7 @@ impl<'a> Engine<'a> {
     fn reset(&mut self, host: u32, link_id: u64) {
         let Some(link) = self.links.get_mut(&link_id) else { return };
         let Some(side) = link.side_of(host) else { return };
-        link.ends[side].open = false;
-        link.ends[side].conn = None;
+        link.shut(side);
         let peer = link.ends[1 - side].clone();
         let wedged = link.wedged;
         if link.is_dead() {
@@ -518,7 +532,7 @@ impl<'a> Engine<'a> {
                 }
             }
             Event::Accept { link } => self.accept(link),
-            Event::Connected { link, refused } => self.connected(link, refused),
+            Event::WriterReady { link, side } => self.write_queued(link, usize::from(side)),
             Event::Arrive { link, to, bytes, message } => self.arrive(link, usize::from(to), bytes, message),
             Event::Deliver { link, to, message } => self.deliver(link, usize::from(to), *message),
             Event::Close { link, side } => self.close(link, usize::from(side)),
@@ -533,14 +547,18 @@ impl<'a> Engine<'a> {
         }
         let local = Contact { id: h.id, addr: host_addr(host) };
         let seed = derive_seed(self.seed, host, incarnation, purpose::NODE);
-        let node = Node::new(self.plan.config.clone(), local, seed, self.now())
+        self.hosts[host].epoch_us = self.now_us;
+        let node = Node::new(self.plan.config.clone(), local, seed, self.host_now(host))
             .map_err(|e| format!("{}: {e}", self.plan.hosts[host].name))?;
         let mut node = Box::new(node);
+        let now = self.sim_now();
         let h = &mut self.hosts[host];
-        // A new driver: its connection numbers start again.
+        // A new driver: its connection numbers and rate limiters start again.
         h.next_conn = 1;
+        h.upload = TokenBucket::new(self.plan.hosts[host].uplink, BUCKET_BURST_BYTES, now);
+        h.download = TokenBucket::new(self.plan.hosts[host].downlink, BUCKET_BURST_BYTES, now);
         h.state = State::Up;
-        resume_from_store(&mut node, &h.store, Instant::from_micros(self.now_us));
+        resume_from_store(&mut node, &h.store, Instant::ZERO);
         h.node = Some(node);
         self.drain(host);
         for command in std::mem::take(&mut self.hosts[host].pending) {
@@ -549,8 +567,8 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// The handshake completes on the accepting side (3 one-way latencies
-    /// after the dial: SYN, hellos, proofs).
+    /// The handshake completes on the accepting side, and at the same
+    /// instant on the dialling side ([`HANDSHAKE_FLIGHTS`] after the dial).
     fn accept(&mut self, link_id: u64) {
         let Some(link) = self.links.get(&link_id) else { return };
         let (a, b) = (link.ends[0].clone(), link.ends[1].clone());
@@ -576,16 +594,15 @@ impl<'a> Engine<'a> {
             return;
         }
         self.bytes_by_kind[FrameKind::Handshake as usize] += 2 * self.handshake_bytes;
-        let at = self.now_us + latency;
         let host = &mut self.hosts[b.host as usize];
         if host.conns.len() >= self.driver.connections_max {
             // The driver refuses past `connections_max` with a goodbye.
             self.counters.connections_refused += 1;
             if let Some(link) = self.links.get_mut(&link_id) {
-                link.ends[1].open = false;
+                link.shut(1);
             }
             self.bytes_by_kind[FrameKind::Control as usize] += self.goodbye_bytes();
-            self.queue.push(at, Event::Connected { link: link_id, refused: true });
+            self.connected(link_id, true);
             return;
         }
         let conn = ConnId(host.next_conn);
@@ -602,11 +619,15 @@ impl<'a> Engine<'a> {
         self.with_node(b.host as usize, |node, now| {
             node.handle_input(now, NodeInput::Connected { conn, peer, addr, dialed: None });
         });
-        self.queue.push(at, Event::Connected { link: link_id, refused: false });
+        // Both sides finish together, one connection after another in the
+        // order the dials were made (turmoil delivers the handshakes' frames
+        // in the order they were sent): when two hosts dial each other at
+        // once, both see the same connection last and use it.
+        self.connected(link_id, false);
     }
 
-    /// The handshake completes on the dialling side, one latency after the
-    /// acceptor's.
+    /// The handshake completes on the dialling side; `refused` when the
+    /// acceptor was full and sends a goodbye right behind its proof.
     fn connected(&mut self, link_id: u64, refused: bool) {
         let Some(link) = self.links.get(&link_id) else { return };
         let (a, b) = (link.ends[0].clone(), link.ends[1].clone());
@@ -622,7 +643,7 @@ impl<'a> Engine<'a> {
         if wedged || !a.open {
             // Cut (the handshake times out) or reset before the proof.
             if let Some(link) = self.links.get_mut(&link_id) {
-                link.ends[0].open = false;
+                link.shut(0);
                 if link.is_dead() {
                     self.links.remove(&link_id);
                 }
@@ -652,7 +673,8 @@ impl<'a> Engine<'a> {
         });
         if refused {
             // The acceptor's goodbye follows its proof.
-            self.close(link_id, 0);
+            let at = self.now_us + self.latency_us(a.host, b.host);
+            self.queue.push(at, Event::Close { link: link_id, side: 0 });
         }
     }
 
@@ -666,8 +688,8 @@ impl<'a> Engine<'a> {
     fn close(&mut self, link_id: u64, side: usize) {
         let Some(link) = self.links.get_mut(&link_id) else { return };
         let end = link.ends[side].clone();
-        link.ends[side].open = false;
-        link.ends[side].conn = None;
+        // The reader stopped; the driver aborts the writer with it.
+        link.shut(side);
         if link.is_dead() {
             self.links.remove(&link_id);
         }
@@ -690,11 +712,14 @@ impl<'a> Engine<'a> {
         }
         link.last_received_us[to] = self.now_us;
         let host = link.ends[to].host as usize;
-        let done = self.hosts[host].downlink.reserve(self.now_us, u64::from(bytes));
-        if done <= self.now_us {
+        // The driver's reader: take from the download bucket, sleep, hand
+        // over. The bucket's debt is shared by all the host's readers.
+        let now = self.sim_now();
+        let wait = self.hosts[host].download.take(u64::from(bytes), now);
+        if wait.is_zero() {
             self.deliver(link_id, to, *message);
         } else {
-            self.queue.push(done, Event::Deliver { link: link_id, to: to as u8, message });
+            self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, message });
         }
     }
 
@@ -725,14 +750,14 @@ impl<'a> Engine<'a> {
     /// timer (the driver's loop turn).
     fn with_node(&mut self, host: usize, f: impl FnOnce(&mut Node, Instant)) {
         let Some(mut node) = self.hosts[host].node.take() else { return };
-        f(&mut node, self.now());
+        f(&mut node, self.host_now(host));
         self.hosts[host].node = Some(node);
         self.drain(host);
     }
 
     fn drain(&mut self, host: usize) {
         let Some(mut node) = self.hosts[host].node.take() else { return };
-        let now = self.now();
+        let now = self.host_now(host);
         while let Some(output) = node.poll_output() {
             match output {
                 NodeOutput::Dial { addr } => {
@@ -745,7 +770,7 @@ impl<'a> Engine<'a> {
                         self.dial(host, addr);
                     }
                 }
-                NodeOutput::Send { conn, message } => self.send(host, conn, message),
+                NodeOutput::Send { conn, message } => self.send(host, &mut node, conn, message),
                 NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                     match self.hosts[host].store.read_block(&file, piece, offset, length) {
                         Ok(data) => {
@@ -755,7 +780,7 @@ impl<'a> Engine<'a> {
                                 data
                             };
                             let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
-                            self.send(host, conn, message);
+                            self.send(host, &mut node, conn, message);
                         }
                         Err(_) => self.counters.store_errors += 1,
                     }
@@ -786,8 +811,8 @@ impl<'a> Engine<'a> {
                 _ => {}
             }
         }
-        let deadline = node.poll_timeout().map(Instant::as_micros);
         let h = &mut self.hosts[host];
+        let deadline = node.poll_timeout().map(|at| at.as_micros().saturating_add(h.epoch_us));
         h.node = Some(node);
         if deadline != h.timer_us {
             h.timer_us = deadline;
@@ -815,71 +840,148 @@ impl<'a> Engine<'a> {
             return fail(self, self.now_us);
         }
         if self.hosts[target].state == State::Down {
-            // No listener: the SYN is answered by a reset.
-            return fail(self, self.now_us + 2 * latency);
+            // No listener: the SYN is refused where it lands.
+            return fail(self, self.now_us + latency);
         }
         let id = self.next_link;
         self.next_link += 1;
         let target_incarnation = self.hosts[target].incarnation;
         self.links.insert(id, Link::new((a, incarnation), (b, target_incarnation), self.now_us));
-        self.queue.push(self.now_us + 3 * latency, Event::Accept { link: id });
+        self.queue.push(self.now_us + HANDSHAKE_FLIGHTS * latency, Event::Accept { link: id });
     }
 
     /// The node asked to close: the goodbye goes out behind the frames
     /// already queued, and our side stops reading.
     fn goodbye(&mut self, host: u32, link_id: u64, reason: GoodbyeReason) {
-        self.transmit(host, link_id, Message::Goodbye { reason });
-        if let Some(link) = self.links.get_mut(&link_id)
-            && let Some(side) = link.side_of(host)
-        {
-            link.ends[side].open = false;
-            link.ends[side].conn = None;
-            if link.is_dead() {
-                self.links.remove(&link_id);
+        let Some(link) = self.links.get_mut(&link_id) else { return };
+        let Some(side) = link.side_of(host) else { return };
+        link.ends[side].open = false;
+        link.ends[side].conn = None;
+        self.enqueue(link_id, side, Message::Goodbye { reason });
+    }
+
+    /// The driver's `send`: only on a connection it knows; a peer whose
+    /// writer queue is full is too slow and is disconnected.
+    fn send(&mut self, host: usize, node: &mut Node, conn: ConnId, message: Message) {
+        let Some(&link_id) = self.hosts[host].conns.get(&conn) else { return };
+        let Some(link) = self.links.get(&link_id) else { return };
+        let Some(side) = link.side_of(host as u32) else { return };
+        if link.ends[side].writer.queue.len() >= self.driver.conn_queue_frames_max {
+            self.counters.slow_peers += 1;
+            self.hosts[host].conns.remove(&conn);
+            // The driver drops its sender; the writer drains and ends.
+            if let Some(link) = self.links.get_mut(&link_id) {
+                link.ends[side].open = false;
+                link.ends[side].conn = None;
+            }
+            node.handle_input(self.host_now(host), NodeInput::Disconnected { conn });
+            return;
+        }
+        self.enqueue(link_id, side, message);
+    }
+
+    /// Hand a frame to a side's writer: written now if it is free, else
+    /// queued behind the others.
+    fn enqueue(&mut self, link_id: u64, side: usize, message: Message) {
+        let bytes = match shoal_node::core::wire::encode_parts(&message, self.frame_bytes_max) {
+            Ok(frame) => u32::try_from(frame.len()).unwrap_or(u32::MAX),
+            Err(_) => {
+                // The driver's writer stops on a frame it cannot encode.
+                self.counters.frames_unencodable += 1;
+                if let Some(link) = self.links.get_mut(&link_id) {
+                    link.ends[side].writer.open = false;
+                    link.ends[side].writer.queue.clear();
+                }
+                return;
+            }
+        };
+        let Some(link) = self.links.get_mut(&link_id) else { return };
+        let writer = &mut link.ends[side].writer;
+        if !writer.open {
+            return;
+        }
+        let idle = writer.queue.is_empty() && writer.busy_until_us <= self.now_us;
+        writer.queue.push_back((message, bytes));
+        if idle {
+            self.write_queued(link_id, side);
+        } else if writer.queue.len() == 1 {
+            let at = writer.busy_until_us;
+            self.queue.push(at, Event::WriterReady { link: link_id, side: side as u8 });
+        }
+    }
+
+    /// The writer is free: write queued frames until one leaves it asleep.
+    fn write_queued(&mut self, link_id: u64, side: usize) {
+        loop {
+            let Some(link) = self.links.get(&link_id) else { return };
+            let end = &link.ends[side];
+            if !self.alive(end.host, end.incarnation) {
+                // The host crashed with frames queued: they are gone.
+                if let Some(link) = self.links.get_mut(&link_id) {
+                    link.shut(side);
+                }
+                return;
+            }
+            let Some(link) = self.links.get_mut(&link_id) else { return };
+            let writer = &mut link.ends[side].writer;
+            if !writer.open || writer.busy_until_us > self.now_us {
+                return;
+            }
+            let Some((message, bytes)) = writer.queue.pop_front() else { return };
+            let goodbye = matches!(message, Message::Goodbye { .. });
+            self.write(link_id, side, message, bytes);
+            let Some(link) = self.links.get_mut(&link_id) else { return };
+            let writer = &mut link.ends[side].writer;
+            if goodbye {
+                // The driver's writer ends after a goodbye.
+                writer.open = false;
+                writer.queue.clear();
+                if link.is_dead() {
+                    self.links.remove(&link_id);
+                }
+                return;
+            }
+            if writer.busy_until_us > self.now_us {
+                if !writer.queue.is_empty() {
+                    let at = writer.busy_until_us;
+                    self.queue.push(at, Event::WriterReady { link: link_id, side: side as u8 });
+                }
+                return;
             }
         }
     }
 
-    /// The driver's `send`: only on a connection it knows.
-    fn send(&mut self, host: usize, conn: ConnId, message: Message) {
-        let Some(&link) = self.hosts[host].conns.get(&conn) else { return };
-        self.transmit(host as u32, link, message);
-    }
-
-    /// Put a frame on the wire: the sender's uplink, the flight, then the
-    /// receiver's downlink (at arrival).
-    fn transmit(&mut self, host: u32, link_id: u64, message: Message) {
-        let bytes = match shoal_node::core::wire::encode_parts(&message, self.frame_bytes_max) {
-            Ok(frame) => frame.len() as u64,
-            Err(_) => {
-                // The driver's writer stops on an unencodable frame.
-                self.counters.frames_unencodable += 1;
-                return;
-            }
-        };
+    /// One frame goes on the wire: counted, charged to the upload bucket
+    /// (the writer sleeps for the debt), and in flight to the peer.
+    fn write(&mut self, link_id: u64, side: usize, message: Message, bytes: u32) {
         let Some(link) = self.links.get(&link_id) else { return };
-        let Some(side) = link.side_of(host) else { return };
-        let peer = link.ends[1 - side].host;
-        self.bytes_by_kind[kind_index(&message)] += bytes;
+        let (host, peer) = (link.ends[side].host, link.ends[1 - side].host);
+        self.bytes_by_kind[kind_index(&message)] += u64::from(bytes);
         self.counters.frames += 1;
-        let left = self.hosts[host as usize].uplink.reserve(self.now_us, bytes);
+        let now_d = self.sim_now();
+        let wait = self.hosts[host as usize].upload.take(u64::from(bytes), now_d);
         let flight = self.flight_us(host, peer);
+        let now = self.now_us;
         let Some(link) = self.links.get_mut(&link_id) else { return };
-        link.last_sent_us[side] = left;
+        link.ends[side].writer.busy_until_us = now + micros(wait);
+        link.last_sent_us[side] = now;
         if link.wedged {
             self.counters.frames_lost += 1;
             return;
         }
         let to = 1 - side;
-        let at = (left + flight).max(link.last_arrival_us[to]);
+        let at = (now + flight).max(link.last_arrival_us[to]);
         link.last_arrival_us[to] = at;
-        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes: bytes as u32, message: Box::new(message) });
+        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, message: Box::new(message) });
     }
 
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {
+        let (mut responses_unexpected, mut dial_queue_full) = (0, 0);
         for host in &self.hosts {
             if let Some(node) = &host.node {
                 self.gossip_duplicates += node.gossip().counters().duplicates;
+                responses_unexpected += node.counters().responses_unexpected;
+                dial_queue_full += node.counters().dial_queue_full;
             }
         }
         let (records, trace_hash, events) = self.collector.finish();
@@ -908,6 +1010,9 @@ impl<'a> Engine<'a> {
             ("connections_refused", c.connections_refused as f64),
             ("dials_failed", c.dials_failed as f64),
             ("store_errors", c.store_errors as f64),
+            ("slow_peers", c.slow_peers as f64),
+            ("node_responses_unexpected", responses_unexpected as f64),
+            ("node_dial_queue_full", dial_queue_full as f64),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
