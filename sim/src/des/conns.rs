@@ -103,7 +103,14 @@ impl Link {
     /// last frame and every `keepalive_us` since (the driver's writer), each
     /// `latency_us` in flight; those are computed, not simulated, so an
     /// idle connection costs no events.
-    pub(crate) fn idle_close_at(&self, side: usize, now_us: u64, latency_us: u64, keepalive_us: u64, idle_us: u64) -> u64 {
+    pub(crate) fn idle_close_at(
+        &self,
+        side: usize,
+        now_us: u64,
+        latency_us: u64,
+        keepalive_us: u64,
+        idle_us: u64,
+    ) -> u64 {
         let peer_sent = self.last_sent_us[1 - side];
         let mut heard = self.last_received_us[side];
         if keepalive_us > 0 && now_us >= peer_sent + latency_us {

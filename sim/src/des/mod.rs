@@ -44,10 +44,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use shoal_node::core::exchange::{ServeBlock, StorePiece};
-use shoal_node::core::ids::{ConnId, FileId, NodeId};
+use shoal_node::core::ids::{ConnId, FileId, NodeId, PieceIndex};
 use shoal_node::core::node::{Node, NodeEvent, NodeInput, NodeOutput};
 use shoal_node::core::time::Instant;
 use shoal_node::core::wire::{Contact, ExchangeMessage, GoodbyeReason, Hello, HelloProof, Message, Signature};
@@ -159,6 +160,8 @@ struct Engine<'a> {
     plan: &'a Plan,
     seed: u64,
     contents: Vec<FileContent>,
+    /// Plan file index of each file id.
+    content_of: BTreeMap<FileId, usize>,
     hosts: Vec<Host>,
     links: BTreeMap<u64, Link>,
     next_link: u64,
@@ -302,8 +305,7 @@ impl<'a> Engine<'a> {
             .collect();
         let driver = DriverConfig::new(host_addr(0));
         let frame_bytes_max = plan.config.frame_bytes_max.min(driver.frame_bytes_max);
-        let hello =
-            Hello { protocol_version: 0, public_key: [0; 32], listen_addr: Some(host_addr(0)), nonce: [0; 32] };
+        let hello = Hello { protocol_version: 0, public_key: [0; 32], listen_addr: Some(host_addr(0)), nonce: [0; 32] };
         let proof = HelloProof { signature: Signature([0; 64]) };
         let frame_len = |m: &Message| {
             shoal_node::core::wire::encode_parts(m, frame_bytes_max).map(|f| f.len() as u64).map_err(|e| e.to_string())
@@ -312,6 +314,7 @@ impl<'a> Engine<'a> {
         Ok(Self {
             plan,
             seed: scenario.seed,
+            content_of: file_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             contents,
             hosts,
             links: BTreeMap::new(),
@@ -383,10 +386,9 @@ impl<'a> Engine<'a> {
             Action::Crash { host } => self.crash(*host),
             Action::Share { host, file } => {
                 let content = &self.contents[*file];
-                self.hosts[*host]
-                    .store
-                    .add_shared(content.data.clone(), &content.manifest, &content.hashes)
-                    .map_err(|e| format!("{}: sharing {}: {e}", self.plan.hosts[*host].name, self.plan.files[*file].name))?;
+                self.hosts[*host].store.add_shared(content.data.clone(), &content.manifest, &content.hashes).map_err(
+                    |e| format!("{}: sharing {}: {e}", self.plan.hosts[*host].name, self.plan.files[*file].name),
+                )?;
                 // A node starting now shares its store's files by itself.
                 if self.hosts[*host].state == State::Up {
                     let (manifest, hashes) = (content.manifest.clone(), content.hashes.clone());
@@ -648,7 +650,8 @@ impl<'a> Engine<'a> {
                     self.links.remove(&link_id);
                 }
             }
-            let at = if wedged { (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us) } else { self.now_us };
+            let at =
+                if wedged { (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us) } else { self.now_us };
             host.dialing += 1; // the DialFailed event settles it
             self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
             return;
@@ -787,9 +790,9 @@ impl<'a> Engine<'a> {
                     node.handle_input(now, NodeInput::BlockSent { conn, file });
                 }
                 NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
-                    if self.hosts[host].store.write_piece(&file, piece, data).is_err() {
-                        self.counters.store_errors += 1;
-                    }
+                    let data = self.shared_piece(&file, piece, data);
+                    let failed = self.hosts[host].store.write_piece(&file, piece, data).is_err();
+                    self.counters.store_errors += u64::from(failed);
                 }
                 NodeOutput::Disconnect { conn, reason } => {
                     if let Some(link) = self.hosts[host].conns.remove(&conn) {
@@ -822,6 +825,19 @@ impl<'a> Engine<'a> {
                 // `sleep_until` does.
                 self.queue.push(at.max(self.now_us), Event::Timer { host: host as u32, incarnation });
             }
+        }
+    }
+
+    /// A verified piece of a plan file is stored as a slice of the file's
+    /// one shared buffer (after checking the bytes are the same), so a
+    /// thousand holders hold one copy; the node's assembled copy is freed.
+    fn shared_piece(&self, file: &FileId, piece: PieceIndex, data: Bytes) -> Bytes {
+        let Some(content) = self.content_of.get(file).map(|&i| &self.contents[i]) else { return data };
+        let start = usize::try_from(content.layout.piece_offset(piece)).unwrap_or(usize::MAX);
+        let end = start.saturating_add(data.len());
+        match content.data.get(start..end) {
+            Some(canonical) if canonical == &data[..] => content.data.slice(start..end),
+            _ => data,
         }
     }
 
