@@ -21,7 +21,8 @@ fn secs(s: u64) -> Dur {
 fn on(engine: EngineKind, scenario: &Scenario) -> (Outcome, Summary) {
     let mut s = scenario.clone();
     s.engine = engine;
-    shoal_sim::run(&s, None).unwrap()
+    let run = shoal_sim::run(&s, None).unwrap();
+    (run.outcome, run.summary)
 }
 
 fn des(scenario: &Scenario) -> (Outcome, Summary) {
