@@ -182,19 +182,16 @@ fn agreement_churn() -> Scenario {
     s
 }
 
-/// The flash crowd's median completion time agrees with turmoil's. (Its
-/// p90 and lookup success do not yet: `engines_agree_on_every_criterion`.)
+/// The flash crowd's median and p90 completion times agree with
+/// turmoil's. (Lookup success does not yet:
+/// `flash_crowd_agrees_on_every_criterion`.)
 #[test]
 fn a_flash_crowd_agrees_with_turmoil() {
-    assert_engines_agree(
-        "flash crowd",
-        &agreement_flash_crowd(),
-        Criteria { median: true, p90: false, lookups: false },
-    );
+    assert_engines_agree("flash crowd", &agreement_flash_crowd(), Criteria { median: true, p90: true, lookups: false });
 }
 
 /// Under churn, median and p90 completion times agree with turmoil's.
-/// (Lookup success does not yet: `engines_agree_on_every_criterion`.)
+/// (Lookup success does not yet: `churn_agrees_on_every_criterion`.)
 #[test]
 fn churn_agrees_with_turmoil() {
     let s = agreement_churn();
@@ -203,17 +200,24 @@ fn churn_agrees_with_turmoil() {
     assert_engines_agree("churn", &s, Criteria { median: true, p90: true, lookups: false });
 }
 
-/// The full agreement criteria on both scenarios. Known to fail:
-/// the flash crowd's p90 (des 12.3 s, turmoil 17.0 s over seeds 11-13: the
-/// des swarm moves ~20% more pieces per second in the steady phase, so
-/// fewer peers fall into the 10 s rechoke tail) and lookup success under
-/// churn (des 116/120, turmoil 104/120); the cause is not found yet.
-/// `cargo test -p shoal-sim --test des -- --ignored --nocapture engines_agree_on_every_criterion`
+/// The full criteria on the flash crowd. Known to fail on lookup
+/// success (des 107/120, turmoil 115/120 over seeds 11-13, while the
+/// lookups run beside the downloads); the cause is not found yet.
+/// `cargo test -p shoal-sim --test des -- --ignored --nocapture flash_crowd_agrees_on_every_criterion`
 #[test]
-#[ignore = "known disagreement, see the doc comment"]
-fn engines_agree_on_every_criterion() {
-    assert_engines_agree("churn", &agreement_churn(), ALL_CRITERIA);
+#[ignore = "known disagreement on lookup success, see the doc comment"]
+fn flash_crowd_agrees_on_every_criterion() {
     assert_engines_agree("flash crowd", &agreement_flash_crowd(), ALL_CRITERIA);
+}
+
+/// The full criteria under churn. Known to fail on lookup success
+/// (des 116/120, turmoil 105/120 over seeds 11-13); the cause is not found
+/// yet.
+/// `cargo test -p shoal-sim --test des -- --ignored --nocapture churn_agrees_on_every_criterion`
+#[test]
+#[ignore = "known disagreement on lookup success, see the doc comment"]
+fn churn_agrees_on_every_criterion() {
+    assert_engines_agree("churn", &agreement_churn(), ALL_CRITERIA);
 }
 
 /// A corrupting host is banned by its peers and nobody keeps bad data.
