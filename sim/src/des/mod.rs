@@ -5,9 +5,10 @@
 //! One event heap ordered by (time, sequence number) holds node timers,
 //! connection set-up and teardown, and frames in flight. Each host does
 //! for its machine what the node's driver does (`shoal_node::driver`):
-//! dials become `Connected` after the TCP and handshake round trips or
-//! `DialFailed` (refused at once across a partition, after a round trip
-//! to a host that is down); frames go out on the connection in order;
+//! dials become `Connected` on both sides three one-way latencies later
+//! (turmoil's SYN, then the hellos, then the proofs), or `DialFailed`
+//! (refused at once across a partition, one latency later by a host that
+//! is down); frames go out on the connection in order;
 //! `ServeBlock` reads the store and sends the block, then reports
 //! `BlockSent`; `StorePiece` writes the store; `Disconnect` sends a
 //! goodbye; a crash resets its connections (peers learn after one
@@ -31,7 +32,12 @@
 //! and so are not in the byte counts.
 //!
 //! Memory: a file's pieces are `Bytes` slices of one buffer
-//! ([`FileContent`]); every store holding the file holds slices of it.
+//! ([`FileContent`]); seeders share slices of it, and a downloader's
+//! verified piece is stored as the same slice once its bytes compare
+//! equal, so a thousand holders hold one copy.
+//!
+//! Clocks: each node sees its incarnation's time (zero at its start, as
+//! the driver's epoch); the collector gets simulated time.
 //!
 //! Determinism: no clock, no hash-ordered iteration; randomness is the
 //! nodes' own seeded RNGs plus one seeded RNG for jitter. Same scenario and
