@@ -160,6 +160,7 @@ struct Counters {
     connections_refused: u64,
     store_errors: u64,
     slow_peers: u64,
+    blocks_cancelled: u64,
 }
 
 struct Engine<'a> {
@@ -742,6 +743,9 @@ impl<'a> Engine<'a> {
             return;
         };
         let host = end.host as usize;
+        if let Message::Exchange(ExchangeMessage::Cancel { file, piece, offset, .. }) = &message {
+            self.take_back(link_id, to, (*file, *piece, *offset));
+        }
         match message {
             Message::Goodbye { .. } => self.close(link_id, to),
             Message::Keepalive => {}
@@ -750,6 +754,21 @@ impl<'a> Engine<'a> {
                     self.with_node(host, |node, now| node.handle_input(now, NodeInput::Message { conn, message }));
                 }
             }
+        }
+    }
+
+    /// The driver's `BlockQueue::cancel`: a peer's `Cancel` takes back a
+    /// block still waiting in our writer's queue on that connection (BEP 3).
+    fn take_back(&mut self, link_id: u64, side: usize, block: (FileId, PieceIndex, u32)) {
+        let Some(link) = self.links.get_mut(&link_id) else { return };
+        let queue = &mut link.ends[side].writer.queue;
+        let queued = queue.iter().position(|(m, _)| {
+            matches!(m, Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. })
+                if (*file, *piece, *offset) == block)
+        });
+        if let Some(index) = queued {
+            queue.remove(index);
+            self.counters.blocks_cancelled += 1;
         }
     }
 
@@ -1033,6 +1052,7 @@ impl<'a> Engine<'a> {
             ("dials_failed", c.dials_failed as f64),
             ("store_errors", c.store_errors as f64),
             ("slow_peers", c.slow_peers as f64),
+            ("blocks_cancelled", c.blocks_cancelled as f64),
             ("node_responses_unexpected", responses_unexpected as f64),
             ("node_dial_queue_full", dial_queue_full as f64),
         ]
