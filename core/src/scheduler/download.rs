@@ -322,6 +322,11 @@ impl Download {
                 self.forget_request(slot, block);
                 self.release(slot, block);
             }
+            // A choked owner cannot finish its pieces: left owned, their
+            // free blocks would wait for its next unchoke (a rechoke, up to
+            // 10 s) and hold off endgame, which starts only when no block
+            // is free. Others finish them now.
+            self.orphan_pieces(slot);
         }
     }
 

@@ -260,3 +260,18 @@ fn a_slow_owner_loses_its_piece_to_a_fast_peer() {
     let taken_at = taken_at.expect("A took over the slow owner's piece");
     assert!(taken_at < t(10_000), "takeover at {taken_at:?}");
 }
+
+/// A peer that chokes us gives up its pieces: another peer finishes them
+/// at once instead of waiting for the next unchoke.
+#[test]
+fn a_choking_owner_gives_up_its_pieces() {
+    let mut d = download(DownloadConfig { requests_inflight_initial: 4, ..DownloadConfig::default() });
+    seed(&mut d, A);
+    let from_a = d.next_requests(A, t(0));
+    assert!(!from_a.is_empty());
+    let piece = from_a[0].piece;
+    d.set_choked(A, true);
+    seed(&mut d, B);
+    let from_b = d.next_requests(B, t(1));
+    assert!(from_b.iter().any(|b| b.piece == piece), "B takes over {piece:?} from choking A: {from_b:?}");
+}
