@@ -1170,8 +1170,10 @@ fn pending_view(file: &FileId, state: FileState) -> FileView {
 }
 
 /// After a (re)start: serve every complete file in the store and resume
-/// every partial one from the pieces it holds.
-fn resume_from_store<S: Store>(node: &mut Node, store: &S, now: Instant) {
+/// every partial one from the pieces it holds. Public so the simulator's
+/// des engine, which drives the core without this driver, starts nodes the
+/// same way.
+pub fn resume_from_store<S: Store>(node: &mut Node, store: &S, now: Instant) {
     for status in store.files() {
         let (Some(manifest), Some(hashes)) = (store.manifest(&status.file), store.piece_hashes(&status.file)) else {
             continue;

@@ -5,18 +5,16 @@
 use std::time::Duration;
 
 use shoal_sim::model::*;
+
+mod common;
+use common::{MIB, all_completed, secs, small};
 use shoal_sim::observe::{Fact, Outcome};
 use shoal_sim::summary::{Spread, Summary};
 
-const MIB: u64 = 1024 * 1024;
 /// The agreement bound on completion-time percentiles.
 const COMPLETION_AGREEMENT: f64 = 0.15;
 /// The agreement bound on lookup success, in ratio points.
 const LOOKUP_AGREEMENT: f64 = 0.01;
-
-fn secs(s: u64) -> Dur {
-    Dur(Duration::from_secs(s))
-}
 
 fn on(engine: EngineKind, scenario: &Scenario) -> (Outcome, Summary) {
     let mut s = scenario.clone();
@@ -27,17 +25,6 @@ fn on(engine: EngineKind, scenario: &Scenario) -> (Outcome, Summary) {
 
 fn des(scenario: &Scenario) -> (Outcome, Summary) {
     on(EngineKind::Des, scenario)
-}
-
-fn all_completed(s: &Summary) {
-    assert_eq!(s.downloads.completed, s.downloads.asked, "every download completed: {:?}", s.downloads);
-    assert!(s.checks[0].ok, "{:?}", s.checks[0]);
-}
-
-fn small(seed: u64) -> Scenario {
-    let mut s = Scenario::flash_crowd(9, 2 * MIB, seed);
-    s.duration = secs(120);
-    s
 }
 
 /// Relative difference of `des` from `turmoil`.
@@ -286,23 +273,8 @@ fn a_restarted_downloader_resumes_from_its_store() {
 /// Lookups and a name search over the des engine.
 #[test]
 fn lookups_and_searches_answer() {
-    let mut s = small(17);
-    s.hosts[1].count = 19;
-    s.downloads.clear();
-    s.files[0].name = "Ubuntu 24.04 desktop.iso".into();
-    s.lookups = Some(LookupSpec { count: 40, from: secs(10), over: secs(10), by: None });
-    s.searches.push(SearchSpec {
-        by: "leechers".into(),
-        text: "ubuntu desktop".into(),
-        at: secs(12),
-        expect_file: "Ubuntu 24.04 desktop.iso".into(),
-    });
-    s.duration = secs(60);
-    let (_, summary) = des(&s);
-    assert_eq!(summary.lookups.count, 40);
-    assert!(summary.lookups.success_ratio >= 0.95, "{:?}", summary.lookups);
-    assert_eq!(summary.searches.succeeded, summary.searches.count, "{:?}", summary.searches);
-    assert!(summary.gossip.published > 0 && summary.gossip.delivery_ratio > 0.9, "{:?}", summary.gossip);
+    let (_, summary) = des(&common::lookups_and_search(17));
+    common::lookups_and_searches_answered(&summary);
 }
 
 // ---- measurements (release mode, ignored by default) ----

@@ -5,29 +5,15 @@
 use std::time::Duration;
 
 use shoal_sim::model::*;
+
+mod common;
+use common::{MIB, all_completed, secs, small};
 use shoal_sim::observe::{Fact, Outcome};
 use shoal_sim::summary::Summary;
-
-const MIB: u64 = 1024 * 1024;
 
 fn run(scenario: &Scenario) -> (Outcome, Summary) {
     let run = shoal_sim::run(scenario, None).unwrap();
     (run.outcome, run.summary)
-}
-
-fn small(seed: u64) -> Scenario {
-    let mut s = Scenario::flash_crowd(9, 2 * MIB, seed);
-    s.duration = Dur(Duration::from_secs(120));
-    s
-}
-
-fn all_completed(s: &Summary) {
-    assert_eq!(s.downloads.completed, s.downloads.asked, "every download completed: {:?}", s.downloads);
-    assert!(s.checks[0].ok, "{:?}", s.checks[0]);
-}
-
-fn secs(s: u64) -> Dur {
-    Dur(Duration::from_secs(s))
 }
 
 fn verified_at(outcome: &Outcome, host: u32) -> Vec<Duration> {
@@ -179,23 +165,8 @@ fn churn_and_poisson_arrivals_still_complete_and_replay() {
 /// closest live node, searches find the file.
 #[test]
 fn lookups_and_searches_answer() {
-    let mut s = small(17);
-    s.hosts[1].count = 19;
-    s.downloads.clear();
-    s.files[0].name = "Ubuntu 24.04 desktop.iso".into();
-    s.lookups = Some(LookupSpec { count: 40, from: secs(10), over: secs(10), by: None });
-    s.searches.push(SearchSpec {
-        by: "leechers".into(),
-        text: "ubuntu desktop".into(),
-        at: secs(12),
-        expect_file: "Ubuntu 24.04 desktop.iso".into(),
-    });
-    s.duration = secs(60);
-    let (_, summary) = run(&s);
-    assert_eq!(summary.lookups.count, 40);
-    assert!(summary.lookups.success_ratio >= 0.95, "{:?}", summary.lookups);
-    assert_eq!(summary.searches.succeeded, summary.searches.count, "{:?}", summary.searches);
-    assert!(summary.gossip.published > 0 && summary.gossip.delivery_ratio > 0.9, "{:?}", summary.gossip);
+    let (_, summary) = run(&common::lookups_and_search(17));
+    common::lookups_and_searches_answered(&summary);
     eprintln!("turmoil lookups: {:?}; gossip {:?}", summary.lookups, summary.gossip);
 }
 

@@ -567,7 +567,7 @@ impl<'a> Engine<'a> {
         h.upload = TokenBucket::new(self.plan.hosts[host].uplink, BUCKET_BURST_BYTES, now);
         h.download = TokenBucket::new(self.plan.hosts[host].downlink, BUCKET_BURST_BYTES, now);
         h.state = State::Up;
-        resume_from_store(&mut node, &h.store, Instant::ZERO);
+        shoal_node::driver::resume_from_store(&mut node, &h.store, Instant::ZERO);
         h.node = Some(node);
         self.drain(host);
         for command in std::mem::take(&mut self.hosts[host].pending) {
@@ -1079,24 +1079,6 @@ impl<'a> Engine<'a> {
             bad_content,
             engine_stats,
         })
-    }
-}
-
-/// The driver's `resume_from_store`: after a (re)start, serve every
-/// complete file of the store and resume every partial one from the pieces
-/// it holds.
-fn resume_from_store(node: &mut Node, store: &MemoryStore, now: Instant) {
-    for status in store.files() {
-        let (Some(manifest), Some(hashes)) = (store.manifest(&status.file), store.piece_hashes(&status.file)) else {
-            continue;
-        };
-        let (manifest, hashes) = (manifest.clone(), hashes.to_vec());
-        if status.held_pieces == status.piece_count {
-            node.share(now, manifest, hashes);
-        } else {
-            let held = store.held(&status.file).map(|h| h.indices()).unwrap_or_default();
-            node.resume(now, manifest, Some(hashes), held);
-        }
     }
 }
 
