@@ -199,18 +199,8 @@ fn churn_agrees_on_every_criterion() {
 /// A corrupting host is banned by its peers and nobody keeps bad data.
 #[test]
 fn a_corrupting_host_is_banned() {
-    let mut s = small(12);
-    let mut bad = s.hosts[1].clone();
-    bad.name = "bad".into();
-    bad.count = 1;
-    bad.behaviour = Behaviour::Corrupt;
-    s.hosts.push(bad);
-    s.downloads.push(DownloadSpec { file: "flash.bin".into(), by: "bad".into(), after: secs(3) });
-    s.expect.bad_peers_banned = Some(true);
-    let (_, summary) = des(&s);
-    all_completed(&summary);
-    assert!(summary.ok, "{:?}", summary.checks);
-    assert!(summary.pieces["failed"] > 0, "the bad blocks failed their hash checks");
+    let (_, summary) = des(&common::with_corrupting_host(12));
+    common::corrupting_host_banned(&summary);
 }
 
 /// Half the hosts are cut off for 60 s right after asking: the cut
@@ -218,14 +208,7 @@ fn a_corrupting_host_is_banned() {
 /// download completes.
 #[test]
 fn downloads_complete_after_a_partition_heals() {
-    let mut s = Scenario::flash_crowd(7, 2 * MIB, 13);
-    let mut far = s.hosts[1].clone();
-    far.name = "far".into();
-    far.count = 8;
-    s.hosts.push(far);
-    s.downloads.push(DownloadSpec { file: "flash.bin".into(), by: "far".into(), after: secs(3) });
-    s.partitions.push(PartitionSpec { side: vec!["far".into()], at: secs(4), heal: Some(secs(64)) });
-    let (outcome, summary) = des(&s);
+    let (outcome, summary) = des(&common::half_partitioned(13));
     all_completed(&summary);
     assert!(summary.downloads.completion_s.max > 60.0, "the cut-off half waited for the heal");
     // Inside the cut-off side pieces only spread from what it held at the
@@ -253,21 +236,8 @@ fn downloads_complete_after_a_partition_heals() {
 /// keeps its verified pieces and fetches only the rest.
 #[test]
 fn a_restarted_downloader_resumes_from_its_store() {
-    let mut s = small(14);
-    s.hosts[1].downlink = Some(Rate(400_000));
-    let crash = Duration::from_secs(4);
-    s.crashes.push(CrashSpec { class: "leechers".into(), index: 4, at: Dur(crash), restart: Some(secs(8)) });
-    let (outcome, summary) = des(&s);
-    all_completed(&summary);
-    let times: Vec<Duration> = outcome
-        .records
-        .iter()
-        .filter(|r| r.host == 5 && matches!(r.fact, Fact::PieceVerified { .. }))
-        .map(|r| r.at)
-        .collect();
-    let before = times.iter().filter(|&&at| at < crash).count();
-    assert!(before > 0, "it had verified pieces before the crash");
-    assert_eq!(times.len(), 128, "no verified piece was fetched twice");
+    let (outcome, summary) = des(&common::with_restart(14));
+    common::resumed_from_store(&outcome, &summary);
 }
 
 /// Lookups and a name search over the des engine.

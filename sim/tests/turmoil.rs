@@ -16,15 +16,6 @@ fn run(scenario: &Scenario) -> (Outcome, Summary) {
     (run.outcome, run.summary)
 }
 
-fn verified_at(outcome: &Outcome, host: u32) -> Vec<Duration> {
-    outcome
-        .records
-        .iter()
-        .filter(|r| r.host == host && matches!(r.fact, Fact::PieceVerified { .. }))
-        .map(|r| r.at)
-        .collect()
-}
-
 #[test]
 fn a_flash_crowd_completes_with_verified_data_and_replays() {
     let (first, summary) = run(&small(7));
@@ -60,18 +51,8 @@ fn thirty_hosts_fetch_eight_mib_from_a_two_mb_per_s_seed() {
 /// A corrupting host is banned by its peers and nobody keeps bad data.
 #[test]
 fn a_corrupting_host_is_banned_and_data_stays_verified() {
-    let mut s = small(12);
-    let mut bad = s.hosts[1].clone();
-    bad.name = "bad".into();
-    bad.count = 1;
-    bad.behaviour = Behaviour::Corrupt;
-    s.hosts.push(bad);
-    s.downloads.push(DownloadSpec { file: "flash.bin".into(), by: "bad".into(), after: secs(3) });
-    s.expect.bad_peers_banned = Some(true);
-    let (_, summary) = run(&s);
-    all_completed(&summary);
-    assert!(summary.ok, "{:?}", summary.checks);
-    assert!(summary.pieces["failed"] > 0, "the bad blocks failed their hash checks");
+    let (_, summary) = run(&common::with_corrupting_host(12));
+    common::corrupting_host_banned(&summary);
     eprintln!("turmoil bad peer: {} bans, {} failed pieces", summary.bans, summary.pieces["failed"]);
 }
 
@@ -79,14 +60,7 @@ fn a_corrupting_host_is_banned_and_data_stays_verified() {
 /// every download still completes.
 #[test]
 fn downloads_complete_after_a_partition_heals() {
-    let mut s = Scenario::flash_crowd(7, 2 * MIB, 13);
-    let mut far = s.hosts[1].clone();
-    far.name = "far".into();
-    far.count = 8;
-    s.hosts.push(far);
-    s.downloads.push(DownloadSpec { file: "flash.bin".into(), by: "far".into(), after: secs(3) });
-    s.partitions.push(PartitionSpec { side: vec!["far".into()], at: secs(4), heal: Some(secs(64)) });
-    let (_, summary) = run(&s);
+    let (_, summary) = run(&common::half_partitioned(13));
     all_completed(&summary);
     assert!(summary.downloads.completion_s.max > 60.0, "the cut-off half waited for the heal");
     eprintln!("turmoil partition: last {:.1} s after asking", summary.downloads.completion_s.max);
@@ -118,20 +92,9 @@ fn region_latencies_apply_and_replay() {
 /// resumes, fetching only the pieces it had not verified.
 #[test]
 fn a_restarted_downloader_resumes_from_its_store() {
-    let mut s = small(14);
-    // 400 KB/s downloads: 2 MiB takes over 5 s, so a crash 1 s after
-    // asking lands mid-transfer whatever the schedule.
-    s.hosts[1].downlink = Some(Rate(400_000));
-    let crash = Duration::from_secs(4);
-    s.crashes.push(CrashSpec { class: "leechers".into(), index: 4, at: Dur(crash), restart: Some(secs(8)) });
-    let (outcome, summary) = run(&s);
-    all_completed(&summary);
-    let times = verified_at(&outcome, 5);
-    let before = times.iter().filter(|&&at| at < crash).count();
-    assert!(before > 0, "it had verified pieces before the crash");
-    assert!(times.len() > before, "it fetched the rest after the restart");
-    assert_eq!(times.len(), 128, "no verified piece was fetched twice");
-    eprintln!("turmoil restart: {before} pieces before the crash, {} after", times.len() - before);
+    let (outcome, summary) = run(&common::with_restart(14));
+    let (before, after) = common::resumed_from_store(&outcome, &summary);
+    eprintln!("turmoil restart: {before} pieces before the crash, {after} after");
 }
 
 /// Churn from a session-length distribution, with Poisson arrivals:
