@@ -23,6 +23,20 @@ pub struct Config {
     /// Connections open at once; bounds per-connection state in every
     /// machine (the driver refuses more and counts them).
     pub connections_max: u32,
+    /// Past this many open connections the node closes the least recently
+    /// used ones that carry only DHT traffic (no exchange session, no
+    /// gossip mesh, no request of ours in flight), keeping room under
+    /// `connections_max` for peers that dial us. A node bootstrapping into
+    /// a large network dials ~10 lookups' worth of contacts at once.
+    pub connections_target: u32,
+    /// A connection with no exchange session, in no gossip mesh and with
+    /// no DHT request in flight is closed after this long without DHT
+    /// traffic (libp2p's idle connection timeout; its Kademlia handler
+    /// keeps a connection 10 s past the last request). Long enough that
+    /// a lookup's round trips and the next few lookups reuse it, short
+    /// enough that a node stays far below `connections_max` while it
+    /// answers lookups from a network of 10^5.
+    pub connection_idle_timeout: Duration,
     /// DHT requests waiting for a connection to be dialled, over all
     /// addresses, and addresses with a dial pending; more fail at once
     /// (counted) rather than queue.
@@ -54,6 +68,8 @@ impl Default for Config {
         Self {
             frame_bytes_max: 256 * 1024,
             connections_max: 256,
+            connections_target: 192,
+            connection_idle_timeout: Duration::from_secs(20),
             dial_pending_max: 1024,
             requests_tracked_max: 4096,
             providers_per_lookup_max: 32,
@@ -99,6 +115,13 @@ impl Config {
         }
         if self.connections_max == 0 {
             return Err(ConfigError::OutOfRange { field: "connections_max", value: 0, why: "at least 1" });
+        }
+        if self.connections_target == 0 || self.connections_target > self.connections_max {
+            return Err(ConfigError::OutOfRange {
+                field: "connections_target",
+                value: u64::from(self.connections_target),
+                why: "between 1 and connections_max",
+            });
         }
         self.kad.validate()?;
         self.gossip.validate()?;

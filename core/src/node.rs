@@ -198,12 +198,27 @@ pub struct NodeCounters {
     pub responses_unexpected: u64,
     /// Requests forgotten at `requests_tracked_max`.
     pub requests_untracked: u64,
+    /// Connections we closed because nothing used them for
+    /// `connection_idle_timeout`.
+    pub connections_idle_closed: u64,
+    /// Gossip peer announcements not probed: the contact's bucket is full.
+    pub probes_skipped: u64,
+    /// Connections closed, least recently used first, to stay within
+    /// `connections_target`.
+    pub connections_trimmed: u64,
+    /// Swarm notices not dialled: the file has `peers_per_file_max` peers.
+    pub swarm_dials_skipped: u64,
 }
 
 #[derive(Clone, Debug)]
 struct PeerConn {
     node: NodeId,
     addr: SocketAddr,
+    /// Last DHT traffic on it, either way (exchange sessions and gossip
+    /// meshes keep a connection open by themselves).
+    last_used: Instant,
+    /// Our DHT requests in flight on it.
+    requests: BTreeSet<RequestId>,
 }
 
 /// Work waiting for a connection to an address.
@@ -225,6 +240,12 @@ impl Download {
     fn new() -> Self {
         Self { next_provider_lookup: None, next_manifest_lookup: None, manifest_attempts: 0 }
     }
+}
+
+/// Idle connections are looked for four times per idle timeout (so one
+/// closes at most a quarter of the timeout late), at most once a second.
+fn idle_sweep_interval(timeout: Duration) -> Duration {
+    (timeout / 4).max(Duration::from_secs(1))
 }
 
 /// First wait before a failed manifest lookup is retried.
@@ -252,11 +273,18 @@ pub struct Node {
     gossip: Gossip,
     exchange: Exchange,
     conns: BTreeMap<ConnId, PeerConn>,
-    by_node: BTreeMap<NodeId, ConnId>,
+    /// Per connected node: the connection to use (the newest), and how
+    /// many are open to it.
+    by_node: BTreeMap<NodeId, (ConnId, u32)>,
+    /// Open connections by the peer's address (a request to a contact goes
+    /// on any connection to its address).
+    by_addr: BTreeMap<SocketAddr, BTreeSet<ConnId>>,
+    /// When the next idle-connection sweep is due.
+    next_idle_sweep: Instant,
     dialing: BTreeMap<SocketAddr, PendingDial>,
     dial_pending: usize,
-    /// Our DHT requests in flight, by the connection they went on.
-    requests: BTreeMap<RequestId, ConnId>,
+    /// Our DHT requests in flight: the connection each went on, and when.
+    requests: BTreeMap<RequestId, (ConnId, Instant)>,
     queries: BTreeMap<QueryId, Purpose>,
     downloads: BTreeMap<FileId, Download>,
     /// Text of running searches, to merge with the gossip file index.
@@ -274,6 +302,7 @@ impl Node {
     /// machine's RNG is derived from `seed`.
     pub fn new(config: Config, local: Contact, seed: [u8; 32], now: Instant) -> Result<Self, ConfigError> {
         config.validate()?;
+        let config_idle = config.connection_idle_timeout;
         let mut rng = ChaCha8Rng::from_seed(seed);
         let mut sub_seed = || {
             let mut s = [0u8; 32];
@@ -294,6 +323,8 @@ impl Node {
             exchange,
             conns: BTreeMap::new(),
             by_node: BTreeMap::new(),
+            by_addr: BTreeMap::new(),
+            next_idle_sweep: now + idle_sweep_interval(config_idle),
             dialing: BTreeMap::new(),
             dial_pending: 0,
             requests: BTreeMap::new(),
@@ -355,7 +386,8 @@ impl Node {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let downloads =
             self.downloads.values().flat_map(|d| [d.next_provider_lookup, d.next_manifest_lookup]).flatten();
-        [self.kad.poll_timeout(), self.gossip.poll_timeout(), self.exchange.poll_timeout()]
+        let sweep = (!self.conns.is_empty()).then_some(self.next_idle_sweep);
+        [self.kad.poll_timeout(), self.gossip.poll_timeout(), self.exchange.poll_timeout(), sweep]
             .into_iter()
             .flatten()
             .chain(downloads)
@@ -383,7 +415,81 @@ impl Node {
                 download.next_provider_lookup = Some(now + self.config.provider_refresh_interval);
             }
         }
+        if now >= self.next_idle_sweep {
+            self.close_idle(now);
+        }
         self.drain(now);
+    }
+
+    /// Close connections nothing uses (libp2p's idle connection timeout):
+    /// no exchange session, in no gossip mesh, no DHT request in flight,
+    /// and no DHT traffic for `connection_idle_timeout`. DHT lookups dial
+    /// whom they ask; without this every node would keep a connection to
+    /// everyone it ever asked or answered, up to `connections_max`, and
+    /// then refuse newcomers. Requests Kademlia has long timed out on (no
+    /// answer within twice its request timeout) stop counting first.
+    fn close_idle(&mut self, now: Instant) {
+        let timeout = self.config.connection_idle_timeout;
+        self.next_idle_sweep = now + idle_sweep_interval(timeout);
+        let given_up = Duration::from_millis(self.config.kad.request_timeout_ms.saturating_mul(2));
+        let stale: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, (_, sent))| now.saturating_duration_since(*sent) > given_up)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            self.untrack_request(id);
+        }
+        let idle: Vec<ConnId> = self
+            .closable()
+            .into_iter()
+            .filter(|(last_used, _)| now.saturating_duration_since(*last_used) >= timeout)
+            .map(|(_, conn)| conn)
+            .collect();
+        for conn in idle {
+            self.close(now, conn, GoodbyeReason::Idle);
+        }
+    }
+
+    /// Keep the open connections at most `connections_target`: past it,
+    /// close the least recently used closable ones, idle or not, down to
+    /// seven eighths of the target (so the scan runs once per target/8
+    /// connections, not on each). The driver refuses connections at
+    /// `connections_max`; trimming first leaves room for the lookups of
+    /// others.
+    fn trim(&mut self, now: Instant) {
+        let target = self.config.connections_target as usize;
+        if self.conns.len() <= target {
+            return;
+        }
+        let excess = self.conns.len() - target * 7 / 8;
+        let mut closable = self.closable();
+        closable.sort_unstable();
+        for (_, conn) in closable.into_iter().take(excess) {
+            self.counters.connections_trimmed += 1;
+            self.close(now, conn, GoodbyeReason::TooManyConnections);
+        }
+    }
+
+    /// Connections that only DHT traffic uses and that have no request of
+    /// ours in flight, with their last use.
+    fn closable(&self) -> Vec<(Instant, ConnId)> {
+        let meshed: BTreeSet<ConnId> =
+            [Topic::Peers, Topic::Files, Topic::Swarm].into_iter().flat_map(|t| self.gossip.mesh_peers(t)).collect();
+        self.conns
+            .iter()
+            .filter(|(conn, p)| p.requests.is_empty() && !meshed.contains(conn) && !self.exchange.has_sessions(**conn))
+            .map(|(&conn, p)| (p.last_used, conn))
+            .collect()
+    }
+
+    fn close(&mut self, now: Instant, conn: ConnId, reason: GoodbyeReason) {
+        if reason == GoodbyeReason::Idle {
+            self.counters.connections_idle_closed += 1;
+        }
+        self.out.push_back(NodeOutput::Disconnect { conn, reason });
+        self.on_disconnected(now, conn);
     }
 
     /// Process one driver input.
@@ -512,8 +618,10 @@ impl Node {
     fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId, addr: SocketAddr, dialed: Option<SocketAddr>) {
         // A repeated report for a known connection only flushes the queue.
         if let std::collections::btree_map::Entry::Vacant(entry) = self.conns.entry(conn) {
-            entry.insert(PeerConn { node: peer, addr });
-            self.by_node.insert(peer, conn);
+            entry.insert(PeerConn { node: peer, addr, last_used: now, requests: BTreeSet::new() });
+            let entry = self.by_node.entry(peer).or_insert((conn, 0));
+            *entry = (conn, entry.1 + 1);
+            self.by_addr.entry(addr).or_default().insert(conn);
             self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer });
             self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
         }
@@ -521,28 +629,39 @@ impl Node {
             let Some(pending) = self.dialing.remove(&key) else { continue };
             self.dial_pending -= pending.requests.len();
             for (id, request) in pending.requests {
-                self.track_request(id, conn);
+                self.track_request(now, id, conn);
                 self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             }
             for file in pending.opens {
                 self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             }
         }
+        self.trim(now);
     }
 
     fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(peer) = self.conns.remove(&conn) else { return };
-        if self.by_node.get(&peer.node) == Some(&conn) {
-            self.by_node.remove(&peer.node);
-            // Another connection to the same node may remain.
-            if let Some((&other, _)) = self.conns.iter().find(|(_, p)| p.node == peer.node) {
-                self.by_node.insert(peer.node, other);
+        if let Some(set) = self.by_addr.get_mut(&peer.addr) {
+            set.remove(&conn);
+            if set.is_empty() {
+                self.by_addr.remove(&peer.addr);
+            }
+        }
+        if let Some(&(current, open)) = self.by_node.get(&peer.node) {
+            if open <= 1 {
+                self.by_node.remove(&peer.node);
+            } else if current == conn {
+                // Another connection to the node remains (rare: only then
+                // is the table scanned).
+                let other = self.conns.iter().find(|(_, p)| p.node == peer.node).map(|(&c, _)| c);
+                self.by_node.insert(peer.node, (other.unwrap_or(conn), open - 1));
+            } else {
+                self.by_node.insert(peer.node, (current, open - 1));
             }
         }
         self.gossip.handle_input(now, GossipInput::PeerDisconnected { conn });
         self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
-        let failed: Vec<RequestId> = self.requests.iter().filter(|(_, c)| **c == conn).map(|(&id, _)| id).collect();
-        for id in failed {
+        for id in peer.requests {
             self.requests.remove(&id);
             self.kad.handle_input(now, KadInput::RequestFailed { id });
         }
@@ -556,11 +675,16 @@ impl Node {
         let Some(from) = self.contact(conn) else { return };
         match message {
             Message::Request { id, body } => {
+                self.mark_used(now, conn);
                 self.kad.handle_input(now, KadInput::Request { from, id, request: body });
             }
             Message::Response { id, body } => {
-                if self.requests.get(&id) == Some(&conn) {
-                    self.requests.remove(&id);
+                // Any connection to the node we asked will do: two nodes
+                // that dialled each other at once may answer on the other.
+                let asked = self.requests.get(&id).and_then(|(c, _)| self.conns.get(c)).map(|p| p.node);
+                if asked == Some(from.id) {
+                    self.untrack_request(id);
+                    self.mark_used(now, conn);
                     self.kad.handle_input(now, KadInput::Response { from, id, response: body });
                 } else {
                     self.counters.responses_unexpected += 1;
@@ -578,21 +702,42 @@ impl Node {
     /// on a live connection cannot grow this map; past the limit the
     /// oldest entry (request ids increase) is forgotten and Kademlia's own
     /// timeout handles it.
-    fn track_request(&mut self, id: RequestId, conn: ConnId) {
-        if self.requests.len() >= self.config.requests_tracked_max as usize && self.requests.pop_first().is_some() {
+    fn track_request(&mut self, now: Instant, id: RequestId, conn: ConnId) {
+        if self.requests.len() >= self.config.requests_tracked_max as usize
+            && let Some((oldest, _)) = self.requests.first_key_value()
+        {
+            self.untrack_request(*oldest);
             self.counters.requests_untracked += 1;
         }
-        self.requests.insert(id, conn);
+        self.requests.insert(id, (conn, now));
+        if let Some(peer) = self.conns.get_mut(&conn) {
+            peer.requests.insert(id);
+        }
+        self.mark_used(now, conn);
+    }
+
+    fn untrack_request(&mut self, id: RequestId) {
+        if let Some((conn, _)) = self.requests.remove(&id)
+            && let Some(peer) = self.conns.get_mut(&conn)
+        {
+            peer.requests.remove(&id);
+        }
+    }
+
+    fn mark_used(&mut self, now: Instant, conn: ConnId) {
+        if let Some(peer) = self.conns.get_mut(&conn) {
+            peer.last_used = now;
+        }
     }
 
     /// Send a DHT request to `addr` (and `node`, if known), dialling first
     /// if no connection is open.
     fn send_request(&mut self, now: Instant, node: Option<NodeId>, addr: SocketAddr, id: RequestId, request: Request) {
         let conn = node
-            .and_then(|n| self.by_node.get(&n).copied())
-            .or_else(|| self.conns.iter().find(|(_, p)| p.addr == addr).map(|(&c, _)| c));
+            .and_then(|n| self.by_node.get(&n).map(|&(c, _)| c))
+            .or_else(|| self.by_addr.get(&addr).and_then(|set| set.first().copied()));
         if let Some(conn) = conn {
-            self.track_request(id, conn);
+            self.track_request(now, id, conn);
             self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             return;
         }
@@ -615,7 +760,7 @@ impl Node {
         if peer.id == self.local.id {
             return;
         }
-        if let Some(&conn) = self.by_node.get(&peer.id) {
+        if let Some(&(conn, _)) = self.by_node.get(&peer.id) {
             self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             return;
         }
@@ -713,7 +858,8 @@ impl Node {
             KadOutput::Send { to, id, request } => self.send_request(now, Some(to.id), to.addr, id, request),
             KadOutput::SendToAddress { addr, id, request } => self.send_request(now, None, addr, id, request),
             KadOutput::Respond { to, id, response } => {
-                if let Some(&conn) = self.by_node.get(&to.id) {
+                if let Some(&(conn, _)) = self.by_node.get(&to.id) {
+                    self.mark_used(now, conn);
                     self.out.push_back(NodeOutput::Send { conn, message: Message::Response { id, body: response } });
                 }
             }
@@ -792,15 +938,27 @@ impl Node {
 
     fn on_gossip_event(&mut self, now: Instant, event: GossipEvent) {
         if let GossipEvent::Delivered { payload: Announcement::Peer(contact), .. } = &event {
-            // A peer announced itself: a DHT contact once it answers a ping.
-            self.kad.probe(now, *contact);
+            // A peer announced itself: a DHT contact once it answers a
+            // ping, if its bucket has room (in a large network most
+            // buckets are full, and a ping per announcement would dial
+            // every newcomer).
+            if self.kad.table().has_room_for(&contact.id) {
+                self.kad.probe(now, *contact);
+            } else {
+                self.counters.probes_skipped += 1;
+            }
         }
         if let GossipEvent::Delivered { payload: Announcement::Swarm { file, node, seeding }, .. } = &event
             && (self.downloads.contains_key(file) || (!seeding && self.exchange.is_complete(file)))
         {
             // A new swarm member for a file we fetch or serve (DESIGN:
-            // swarm notices): sources for us, or a leecher we can feed.
-            self.open_with(now, *node, *file);
+            // swarm notices): sources for us, or a leecher we can feed,
+            // while the swarm has room for it.
+            if self.exchange.peer_count(file) < usize::from(self.config.exchange.peers_per_file_max) {
+                self.open_with(now, *node, *file);
+            } else {
+                self.counters.swarm_dials_skipped += 1;
+            }
         }
         self.out.push_back(NodeOutput::Event(NodeEvent::Gossip(event)));
     }

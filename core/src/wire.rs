@@ -119,6 +119,8 @@ pub enum GoodbyeReason {
     Banned,
     /// A duplicate connection to the same node is being dropped.
     Duplicate,
+    /// Nothing has used the connection for a while.
+    Idle,
 }
 
 /// A key in the DHT's record space (same space as node ids).
@@ -276,6 +278,11 @@ pub enum GossipMessage {
     Subscribe(Topic),
     /// The sender unsubscribed.
     Unsubscribe(Topic),
+    /// All the sender's topics, sent once to each new peer: one frame
+    /// where a `Subscribe` per topic would take several (every DHT
+    /// connection carries gossip's hello too). At most
+    /// `gossip::SUBSCRIPTIONS_MAX` topics.
+    Subscriptions(Vec<Topic>),
     /// Join the sender's mesh for a topic.
     Graft(Topic),
     /// Leave the mesh; do not graft again for `backoff_s`.
@@ -586,6 +593,19 @@ pub fn encode_parts(message: &Message, frame_bytes_max: u32) -> Result<EncodedFr
     // len <= frame_bytes_max, a u32.
     head[..LENGTH_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(EncodedFrame { head, payload })
+}
+
+/// The length of `message`'s frame as [`encode_parts`] would write it
+/// (length prefix included), without writing it: simulators charge
+/// bandwidth by it for every frame.
+pub fn encoded_len(message: &Message, frame_bytes_max: u32) -> Result<u32, EncodeError> {
+    let body = postcard::experimental::serialized_size(message)?;
+    let payload = message.trailing_payload().map_or(0, Bytes::len);
+    let len = (1 + body + payload) as u64; // the version byte, the body
+    if len > u64::from(frame_bytes_max) {
+        return Err(EncodeError::FrameTooLarge { len, max: frame_bytes_max });
+    }
+    Ok(len as u32 + LENGTH_PREFIX_BYTES as u32)
 }
 
 /// Encode `message` as one frame appended to `out`; a block's data is

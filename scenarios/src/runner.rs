@@ -102,7 +102,7 @@ pub fn trace_text(outcome: &Outcome, hosts: &[shoal_sim::model::HostPlan]) -> St
     for r in &outcome.records {
         let host = hosts.get(r.host as usize).map_or("?", |h| h.name.as_str());
         let fact = match &r.fact {
-            Fact::GossipPublished { id } | Fact::GossipDelivered { id } => {
+            Fact::GossipPublished { id, .. } | Fact::GossipDelivered { id } => {
                 let verb =
                     if matches!(r.fact, Fact::GossipPublished { .. }) { "GossipPublished" } else { "GossipDelivered" };
                 format!("{verb} {}", id.0[..6].iter().map(|b| format!("{b:02x}")).collect::<String>())

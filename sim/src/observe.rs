@@ -14,7 +14,7 @@ use shoal_node::core::exchange::ExchangeEvent;
 use shoal_node::core::gossip::GossipEvent;
 use shoal_node::core::ids::{FileId, NodeId};
 use shoal_node::core::node::{LookupKind, NodeEvent};
-use shoal_node::core::wire::MessageId;
+use shoal_node::core::wire::{MessageId, Topic};
 
 use crate::model::EngineKind;
 
@@ -91,6 +91,9 @@ pub enum Fact {
     GossipPublished {
         /// Message id.
         id: MessageId,
+        /// Whether its topic is broadcast to every node (Files, Swarm), not
+        /// relayed on a budget (Peers; `GossipConfig::peers_relay_per_min`).
+        broadcast: bool,
     },
     /// A gossip message reached the host.
     GossipDelivered {
@@ -171,7 +174,9 @@ impl Collector {
             NodeEvent::SearchResults { entries, .. } => {
                 Fact::SearchResults { files: entries.iter().map(|e| self.file(&e.file)).collect() }
             }
-            NodeEvent::Gossip(GossipEvent::Published { id, .. }) => Fact::GossipPublished { id: *id },
+            NodeEvent::Gossip(GossipEvent::Published { id, topic, .. }) => {
+                Fact::GossipPublished { id: *id, broadcast: *topic != Topic::Peers }
+            }
             NodeEvent::Gossip(GossipEvent::Delivered { id, .. }) => Fact::GossipDelivered { id: *id },
             NodeEvent::Exchange(ExchangeEvent::PieceVerified { file, piece }) => {
                 Fact::PieceVerified { file: self.file(file), piece: piece.0 }

@@ -82,10 +82,11 @@ pub struct Searches {
 /// Gossip.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Gossip {
-    /// Messages published.
+    /// Messages published on the broadcast topics (Files, Swarm).
     pub published: usize,
     /// Mean fraction of the hosts up at both the publish and the end that
-    /// received each message.
+    /// received each message. Broadcast topics only (Files, Swarm): Peers
+    /// announcements are relayed on a budget, sampled by design.
     pub delivery_ratio: f64,
     /// Copies of already-seen messages per host.
     pub duplicates_per_node: f64,
@@ -276,7 +277,7 @@ pub fn summarize(scenario: &Scenario, plan: &Plan, outcome: &Outcome) -> Summary
     let mut delivered: BTreeMap<MessageId, BTreeSet<usize>> = BTreeMap::new();
     for r in records {
         match r.fact {
-            Fact::GossipPublished { id } => {
+            Fact::GossipPublished { id, broadcast: true } => {
                 published.entry(id).or_insert((r.host as usize, r.at));
             }
             Fact::GossipDelivered { id } => {

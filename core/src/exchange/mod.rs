@@ -337,6 +337,12 @@ impl Exchange {
         self.swarms.get(file).map_or(0, Swarm::peer_count)
     }
 
+    /// Whether any file is being exchanged on `conn`.
+    #[must_use]
+    pub fn has_sessions(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| !c.files.is_empty())
+    }
+
     /// Process one input (call order in the module docs).
     pub fn handle_input(&mut self, now: Instant, input: ExchangeInput) {
         match input {

@@ -117,6 +117,20 @@ pub struct GossipConfig {
     pub penalty_invalid_message: u32,
     /// Points for a frame over the peer's rate budget (flooding).
     pub penalty_over_rate: u32,
+    /// Peer announcements (the Peers topic) this node relays per minute,
+    /// sustained; past the budget an announcement is still delivered here
+    /// but neither forwarded nor advertised in IHAVE. Every node joining
+    /// announces itself, so unbounded relay costs each node a frame per
+    /// mesh peer per join in the whole network, O(N) per node: at 10^4
+    /// nodes joining at 500/s that is ~3000 frames/s per node for
+    /// contacts its routing table mostly cannot hold (the node pings only
+    /// those whose bucket has room). Bitcoin Core rate limits address relay
+    /// the same way (0.1 addresses/s per peer since v22). Peers
+    /// announcements are therefore sampled, not broadcast: a burst of joins
+    /// that fits in `peers_relay_burst` still reaches everyone.
+    pub peers_relay_per_min: u64,
+    /// Token-bucket depth for `peers_relay_per_min`.
+    pub peers_relay_burst: u64,
     /// Points for a GRAFT during the back-off we set (spec v1.1 score P7,
     /// "behavioural penalty").
     pub penalty_graft_in_backoff: u32,
@@ -165,6 +179,8 @@ impl Default for GossipConfig {
             prune_peers_max: 16,
             peer_messages_per_s: 500,
             peer_messages_burst: 1000,
+            peers_relay_per_min: 6,
+            peers_relay_burst: 16,
             penalty_graylist: 10,
             penalty_disconnect: 50,
             penalty_decay_per_heartbeat: 1,
@@ -221,6 +237,7 @@ impl GossipConfig {
         at_least_one("ihave_ids_max", wide(self.ihave_ids_max))?;
         at_least_one("peer_messages_per_s", self.peer_messages_per_s)?;
         at_least_one("peer_messages_burst", self.peer_messages_burst)?;
+        at_least_one("peers_relay_burst", self.peers_relay_burst)?;
         at_least_one("output_queue_max", wide(self.output_queue_max))?;
         // A File announcement carries a name of up to 255 bytes.
         if self.message_bytes_max < 512 {

@@ -17,9 +17,12 @@ use crate::wire::{GossipMessage, MessageId, Topic};
 impl Gossip {
     /// Send IHAVE for every topic we subscribe or fan out to, to
     /// max(D_lazy, gossip_factor * eligible) random non-mesh subscribers
-    /// (libp2p `emit_gossip`).
+    /// (libp2p `emit_gossip`). Not for Peers: its announcements are
+    /// sampled (relayed on a budget, `peers_relay_per_min`), so repairing
+    /// their delivery would spend what the budget saves.
     pub(super) fn emit_gossip(&mut self) {
-        let topics: BTreeSet<Topic> = self.subscriptions.iter().chain(self.fanout.keys()).copied().collect();
+        let topics: BTreeSet<Topic> =
+            self.subscriptions.iter().chain(self.fanout.keys()).copied().filter(|&t| t != Topic::Peers).collect();
         for topic in topics {
             let ids = self.cache.gossip_ids(topic);
             if ids.is_empty() {

@@ -76,7 +76,7 @@ use self::cache::{CachedMessage, MessageCache, SeenCache, SeenInsert};
 pub use self::config::GossipConfig;
 pub use self::counters::GossipCounters;
 pub use self::index::{FileIndex, tokens};
-use self::peer::Peer;
+use self::peer::{Peer, TokenBucket};
 pub use self::validate::{InvalidMessage, check_message};
 use crate::config::ConfigError;
 use crate::ids::{ConnId, NodeId};
@@ -215,9 +215,15 @@ pub struct Gossip {
     unsent: VecDeque<MessageId>,
     next_seq: u64,
     next_heartbeat: Instant,
+    /// Budget for relaying Peers announcements (`peers_relay_per_min`).
+    peers_relay: TokenBucket,
     outputs: VecDeque<GossipOutput>,
     counters: GossipCounters,
 }
+
+/// Topics in one [`GossipMessage::Subscriptions`]; more is a violation.
+/// Shoal has three; room for a few more before the wire version changes.
+pub const SUBSCRIPTIONS_MAX: usize = 8;
 
 fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
@@ -329,6 +335,7 @@ impl Gossip {
             unsent: VecDeque::new(),
             next_seq,
             next_heartbeat: now + millis(first_heartbeat_ms),
+            peers_relay: TokenBucket::full(now, config.peers_relay_burst),
             outputs: VecDeque::new(),
             counters: GossipCounters::default(),
             config,
@@ -411,10 +418,11 @@ impl Gossip {
             return;
         }
         self.peers.insert(conn, Peer::new(node, now, self.config.peer_messages_burst));
-        // Spec v1.0 §"Subscriptions": announce our topics to each new peer.
-        let topics: Vec<Topic> = self.subscriptions.iter().copied().collect();
-        for topic in topics {
-            self.send(conn, GossipMessage::Subscribe(topic));
+        // Spec v1.0 §"Subscriptions": announce our topics to each new peer,
+        // all in one frame.
+        if !self.subscriptions.is_empty() {
+            let topics: Vec<Topic> = self.subscriptions.iter().copied().collect();
+            self.send(conn, GossipMessage::Subscriptions(topics));
         }
     }
 
@@ -467,16 +475,9 @@ impl Gossip {
             return;
         }
         match message {
-            GossipMessage::Subscribe(topic) => {
-                if let Some(peer) = self.peers.get_mut(&conn) {
-                    peer.topics.insert(topic);
-                }
-                // A held publish can go as soon as one subscriber is known,
-                // rather than wait up to a heartbeat.
-                if !self.unsent.is_empty() {
-                    self.flush_unsent(now);
-                }
-            }
+            GossipMessage::Subscribe(topic) => self.on_subscribe(now, conn, [topic]),
+            GossipMessage::Subscriptions(topics) if topics.len() > SUBSCRIPTIONS_MAX => self.invalid(now, conn),
+            GossipMessage::Subscriptions(topics) => self.on_subscribe(now, conn, topics),
             GossipMessage::Unsubscribe(topic) => {
                 if let Some(peer) = self.peers.get_mut(&conn) {
                     peer.topics.remove(&topic);
@@ -498,6 +499,17 @@ impl Gossip {
         }
     }
 
+    fn on_subscribe(&mut self, now: Instant, conn: ConnId, topics: impl IntoIterator<Item = Topic>) {
+        if let Some(peer) = self.peers.get_mut(&conn) {
+            peer.topics.extend(topics);
+        }
+        // A held publish can go as soon as one subscriber is known, rather
+        // than wait up to a heartbeat.
+        if !self.unsent.is_empty() {
+            self.flush_unsent(now);
+        }
+    }
+
     /// The first rule `message` breaks, if any: the checks every handler
     /// makes before acting, gathered for graylisted peers.
     fn violation(&self, message: &GossipMessage) -> Option<InvalidMessage> {
@@ -510,6 +522,7 @@ impl Gossip {
                 too_many(ids.len(), self.config.ihave_ids_max)
             }
             GossipMessage::Prune { peers, .. } => too_many(peers.len(), self.config.prune_peers_max),
+            GossipMessage::Subscriptions(topics) => too_many(topics.len(), SUBSCRIPTIONS_MAX),
             GossipMessage::Subscribe(_) | GossipMessage::Unsubscribe(_) | GossipMessage::Graft(_) => None,
         }
     }
@@ -549,6 +562,14 @@ impl Gossip {
             // Spec v1.0: only subscribers relay; a stray copy is dropped.
             self.counters.unsubscribed_dropped += 1;
             return;
+        }
+        if topic == Topic::Peers
+            && !self.peers_relay.take(now, self.config.peers_relay_per_min, self.config.peers_relay_burst)
+        {
+            // Over the relay budget: ours to read, not to spread.
+            self.counters.relay_budget_exceeded += 1;
+            self.counters.delivered += 1;
+            return self.event(GossipEvent::Delivered { topic, id, origin, seq, payload, from: conn });
         }
         self.remember(id, CachedMessage::new(topic, origin, seq, payload.clone()));
         self.cache.note_sender(&id, conn);

@@ -10,9 +10,37 @@ use crate::ids::NodeId;
 use crate::time::Instant;
 use crate::wire::Topic;
 
-/// A token costs this many micro-tokens; refilling `rate` tokens per second
-/// is then exactly `rate` micro-tokens per microsecond, integers only.
-const MICRO: u64 = 1_000_000;
+/// A token costs this many units; refilling `rate` tokens per minute is
+/// then exactly `rate` units per microsecond, integers only.
+const UNITS_PER_TOKEN: u64 = 60_000_000;
+
+/// A token bucket in integer units (1/60,000,000 of a token):
+/// `rate_per_min` sustained, `burst` at once.
+#[derive(Debug, Clone)]
+pub(super) struct TokenBucket {
+    level: u64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket of `burst` tokens.
+    pub(super) fn full(now: Instant, burst: u64) -> Self {
+        Self { level: burst.saturating_mul(UNITS_PER_TOKEN), at: now }
+    }
+
+    /// Take one token; `false` (nothing taken) when none is left.
+    pub(super) fn take(&mut self, now: Instant, rate_per_min: u64, burst: u64) -> bool {
+        let elapsed_us = u64::try_from((now - self.at).as_micros()).unwrap_or(u64::MAX);
+        self.at = self.at.max(now);
+        let cap = burst.saturating_mul(UNITS_PER_TOKEN);
+        self.level = self.level.saturating_add(elapsed_us.saturating_mul(rate_per_min)).min(cap);
+        if self.level < UNITS_PER_TOKEN {
+            return false;
+        }
+        self.level -= UNITS_PER_TOKEN;
+        true
+    }
+}
 
 /// What gossip knows about one connected peer.
 #[derive(Debug, Clone)]
@@ -28,10 +56,8 @@ pub(super) struct Peer {
     pub(super) ihave_this_heartbeat: u32,
     /// Ids asked of this peer by IWANT this heartbeat.
     pub(super) iwant_ids_this_heartbeat: usize,
-    /// Token bucket level, in micro-tokens.
-    budget_micro: u64,
-    /// When the bucket was last refilled.
-    budget_at: Instant,
+    /// Inbound frame budget.
+    budget: TokenBucket,
 }
 
 impl Peer {
@@ -42,23 +68,14 @@ impl Peer {
             penalty: 0,
             ihave_this_heartbeat: 0,
             iwant_ids_this_heartbeat: 0,
-            budget_micro: burst.saturating_mul(MICRO),
-            budget_at: now,
+            budget: TokenBucket::full(now, burst),
         }
     }
 
     /// Take one frame's worth from the token bucket; `false` when the peer
     /// is over its budget of `rate_per_s` sustained, `burst` at once.
     pub(super) fn take_token(&mut self, now: Instant, rate_per_s: u64, burst: u64) -> bool {
-        let elapsed_us = u64::try_from((now - self.budget_at).as_micros()).unwrap_or(u64::MAX);
-        self.budget_at = self.budget_at.max(now);
-        let cap = burst.saturating_mul(MICRO);
-        self.budget_micro = self.budget_micro.saturating_add(elapsed_us.saturating_mul(rate_per_s)).min(cap);
-        if self.budget_micro < MICRO {
-            return false;
-        }
-        self.budget_micro -= MICRO;
-        true
+        self.budget.take(now, rate_per_s.saturating_mul(60), burst)
     }
 
     /// Whether the peer is subscribed to `topic`.

@@ -141,9 +141,30 @@ fn subscribing_grafts_d_peers_and_tells_everyone() {
     assert_eq!(grafted.len(), 6);
     assert!(!grafted.contains(&ConnId(11)), "only subscribers are grafted");
     assert_eq!(rig.mesh(), grafted);
-    // A peer connecting later is told our subscriptions.
+    // A peer connecting later is told all our subscriptions in one frame.
+    rig.input(GossipInput::Subscribe(Topic::Peers));
     let out = rig.input(GossipInput::PeerConnected { conn: ConnId(12), node: node(12) });
-    assert_eq!(sent(&out, |m| *m == GossipMessage::Subscribe(Topic::Files)), BTreeSet::from([ConnId(12)]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    let all = GossipMessage::Subscriptions(vec![Topic::Peers, Topic::Files]);
+    assert_eq!(sent(&out, |m| *m == all), BTreeSet::from([ConnId(12)]));
+}
+
+/// A `Subscriptions` frame subscribes the peer to each topic; one with
+/// more than `SUBSCRIPTIONS_MAX` topics is a violation.
+#[test]
+fn a_subscriptions_frame_counts_for_every_topic_and_is_bounded() {
+    let mut rig = Rig::new(GossipConfig::default());
+    rig.input(GossipInput::Subscribe(Topic::Files));
+    rig.input(GossipInput::Subscribe(Topic::Swarm));
+    rig.connect(1, false);
+    rig.from(1, GossipMessage::Subscriptions(vec![Topic::Peers, Topic::Swarm]));
+    rig.heartbeat();
+    assert!(rig.gossip.mesh_peers(Topic::Swarm).any(|c| c == ConnId(1)), "grafted for Swarm");
+    assert!(!rig.gossip.mesh_peers(Topic::Files).any(|c| c == ConnId(1)), "not for Files");
+    rig.connect(2, false);
+    rig.from(2, GossipMessage::Subscriptions(vec![Topic::Swarm; SUBSCRIPTIONS_MAX + 1]));
+    assert_eq!(rig.gossip.counters().invalid, 1);
+    assert!(rig.gossip.penalty(ConnId(2)).is_some_and(|p| p > 0));
 }
 
 /// Random connects, disconnects, GRAFTs, PRUNEs and (un)subscriptions from
@@ -656,4 +677,46 @@ fn a_publish_with_no_known_subscriber_is_held_until_one_appears() {
     assert_eq!(published, vec![&second], "sent on the first SUBSCRIBE");
     assert_eq!(rig.gossip.counters().publish_sent_late, 1);
     assert!(rig.from(1, GossipMessage::Subscribe(Topic::Files)).is_empty(), "sent once");
+}
+
+/// Peers announcements beyond the relay budget are delivered but not
+/// forwarded; the budget refills at `peers_relay_per_min`. Files
+/// announcements are not budgeted.
+#[test]
+fn peers_announcements_are_relayed_within_the_budget() {
+    let config = GossipConfig { peers_relay_burst: 3, peers_relay_per_min: 60, ..GossipConfig::default() };
+    let mut rig = Rig::new(config);
+    for i in 1..=8 {
+        rig.connect(i, false);
+        rig.from(i, GossipMessage::Subscribe(Topic::Peers));
+        rig.from(i, GossipMessage::Subscribe(Topic::Files));
+    }
+    rig.input(GossipInput::Subscribe(Topic::Peers));
+    rig.input(GossipInput::Subscribe(Topic::Files));
+    let source = *rig.gossip.mesh_peers(Topic::Peers).collect::<Vec<_>>().first().unwrap();
+    let announce = |origin: u64| {
+        let contact = Contact { id: node(origin), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)) };
+        GossipMessage::Publish {
+            topic: Topic::Peers,
+            origin: node(origin),
+            seq: 1,
+            payload: Announcement::Peer(contact),
+        }
+    };
+    let relayed = |out: &[GossipOutput]| !sent(out, |m| matches!(m, GossipMessage::Publish { .. })).is_empty();
+    let mut pattern = Vec::new();
+    for origin in 100..105 {
+        let out = rig.from(source.0, announce(origin));
+        assert_eq!(delivered(&out).len(), 1, "every announcement is delivered here");
+        pattern.push(relayed(&out));
+    }
+    assert_eq!(pattern, [true, true, true, false, false], "the burst of 3, then nothing");
+    assert_eq!(rig.gossip.counters().relay_budget_exceeded, 2);
+    // Files announcements are broadcast whatever the Peers budget.
+    let out = rig.from(source.0, publish_from(50, 1, file("a.txt", 1)));
+    assert!(relayed(&out));
+    // One token a second.
+    rig.now += Duration::from_millis(1_000);
+    assert!(relayed(&rig.from(source.0, announce(105))));
+    assert!(!relayed(&rig.from(source.0, announce(106))));
 }

@@ -146,6 +146,16 @@ impl RoutingTable {
         self.bucket_of(id).is_some_and(|b| self.buckets[b].entries.iter().any(|e| e.contact.id == *id))
     }
 
+    /// Whether a new contact with `id` would be inserted at once: its
+    /// bucket has room or a stale entry (else it would only be cached).
+    #[must_use]
+    pub fn has_room_for(&self, id: &NodeId) -> bool {
+        self.bucket_of(id).is_some_and(|b| {
+            let bucket = &self.buckets[b];
+            bucket.entries.len() < self.bucket_size || bucket.entries.iter().any(|e| e.failures > 0)
+        }) && !self.contains(id)
+    }
+
     /// A message from `contact` arrived (or it answered us): learn or
     /// refresh it (Kademlia §2.2).
     pub fn observe(&mut self, contact: Contact, now: Instant) -> Observed {

@@ -348,3 +348,83 @@ fn unanswered_requests_are_tracked_within_the_limit() {
     assert_eq!(sent, 10, "one bootstrap request per peer, on its open connection");
     assert_eq!(node.counters().requests_untracked, 6, "only the newest 4 stay tracked");
 }
+
+/// A node with `n` accepted connections (peers 1..=n) and nothing else.
+fn node_with_connections(config: Config, n: usize) -> Node {
+    let local = Contact { id: node_id(0), addr: addr(0) };
+    let mut node = Node::new(config, local, [7; 32], Instant::ZERO).unwrap();
+    for i in 1..=n {
+        let input = NodeInput::Connected { conn: ConnId(i as u64), peer: node_id(i), addr: addr(i), dialed: None };
+        node.handle_input(Instant::ZERO, input);
+    }
+    node
+}
+
+/// The connections a node closed in its pending output, with the reason.
+fn closed(node: &mut Node) -> Vec<(u64, GoodbyeReason)> {
+    let mut out = Vec::new();
+    while let Some(output) = node.poll_output() {
+        if let NodeOutput::Disconnect { conn, reason } = output {
+            out.push((conn.0, reason));
+        }
+    }
+    out
+}
+
+/// Connections only the DHT used close after `connection_idle_timeout`
+/// without DHT traffic; a request from a peer keeps its connection open
+/// that much longer.
+#[test]
+fn idle_connections_close_after_the_timeout() {
+    let config = Config::default();
+    let idle = config.connection_idle_timeout;
+    let mut node = node_with_connections(config, 6);
+    assert!(closed(&mut node).is_empty());
+    let t = |s: u64| Instant::ZERO + Duration::from_secs(s);
+    // Peer 3 asks something at 10 s.
+    let request = Message::Request { id: RequestId(1), body: Request::FindNode { target: [5; 32] } };
+    node.handle_input(t(10), NodeInput::Message { conn: ConnId(3), message: request });
+    assert!(closed(&mut node).is_empty(), "answering closes nothing");
+    // Run every timer up to just before the timeout: nothing closes.
+    let mut now = Instant::ZERO;
+    let mut step = |node: &mut Node, until: Instant| {
+        let mut got = Vec::new();
+        while let Some(at) = node.poll_timeout().filter(|&at| at <= until) {
+            now = now.max(at);
+            node.handle_timeout(now);
+            got.extend(closed(node));
+        }
+        got
+    };
+    assert!(step(&mut node, Instant::ZERO + idle - Duration::from_millis(1)).is_empty());
+    let first = step(&mut node, Instant::ZERO + idle + idle / 4);
+    assert_eq!(first, [1, 2, 4, 5, 6].map(|c| (c, GoodbyeReason::Idle)), "all but the one asked at 10 s");
+    assert_eq!(node.connections(), 1);
+    let second = step(&mut node, t(10) + idle + idle / 4);
+    assert_eq!(second, [(3, GoodbyeReason::Idle)]);
+    assert_eq!(node.counters().connections_idle_closed, 6);
+    assert_eq!(node.poll_timeout().filter(|_| node.connections() > 0), None);
+}
+
+/// Past `connections_target` the least recently used connections close
+/// (down to 7/8 of the target), not those in use.
+#[test]
+fn connections_past_the_target_close_least_recently_used_first() {
+    let config = Config { connections_target: 8, ..Config::default() };
+    let mut node = node_with_connections(config, 8);
+    assert!(closed(&mut node).is_empty(), "at the target nothing closes");
+    // Peers 1..=8 send a request each, newest last, except peer 2.
+    for i in [1, 3, 4, 5, 6, 7, 8] {
+        let request = Message::Request { id: RequestId(i), body: Request::Ping };
+        let now = Instant::ZERO + Duration::from_secs(i);
+        node.handle_input(now, NodeInput::Message { conn: ConnId(i), message: request });
+    }
+    let _ = closed(&mut node);
+    let ninth = NodeInput::Connected { conn: ConnId(9), peer: node_id(9), addr: addr(9), dialed: None };
+    node.handle_input(Instant::ZERO + Duration::from_secs(9), ninth);
+    // 9 open, target 8: close 9 - 7 = 2, least recently used first.
+    let got = closed(&mut node);
+    assert_eq!(got, [(2, GoodbyeReason::TooManyConnections), (1, GoodbyeReason::TooManyConnections)]);
+    assert_eq!(node.connections(), 7);
+    assert_eq!(node.counters().connections_trimmed, 2);
+}

@@ -101,6 +101,7 @@ fn arb_gossip() -> impl Strategy<Value = GossipMessage> {
     prop_oneof![
         arb_topic().prop_map(GossipMessage::Subscribe),
         arb_topic().prop_map(GossipMessage::Unsubscribe),
+        vec(arb_topic(), 0..4).prop_map(GossipMessage::Subscriptions),
         arb_topic().prop_map(GossipMessage::Graft),
         (arb_topic(), any::<u32>(), vec(arb_contact(), 0..4))
             .prop_map(|(topic, backoff_s, peers)| GossipMessage::Prune { topic, backoff_s, peers }),
@@ -154,6 +155,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         Just(GoodbyeReason::ProtocolViolation),
         Just(GoodbyeReason::Banned),
         Just(GoodbyeReason::Duplicate),
+        Just(GoodbyeReason::Idle),
     ];
     prop_oneof![
         (any::<u16>(), arb_key(), proptest::option::of(arb_addr()), arb_key()).prop_map(
@@ -185,6 +187,16 @@ proptest! {
     #[test]
     fn every_message_round_trips(message in arb_message()) {
         prop_assert_eq!(round_trip(&message), message);
+    }
+
+    /// `encoded_len` is the length `encode_parts` writes, or the same error.
+    #[test]
+    fn encoded_len_is_the_written_length(message in arb_message(), max in 64u32..4096) {
+        match (encoded_len(&message, max), encode_parts(&message, max)) {
+            (Ok(len), Ok(frame)) => prop_assert_eq!(len as usize, frame.len()),
+            (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => prop_assert!(false, "{:?} vs {:?}", a, b.map(|f| f.len())),
+        }
     }
 
     /// A stream of frames cut at arbitrary points decodes to the same
@@ -273,6 +285,7 @@ fn oversized_frames_are_rejected_before_buffering() {
 
     let big = Message::Exchange(ExchangeMessage::Bitfield { file: FileId([0; 32]), bits: vec![0; MAX as usize] });
     assert!(matches!(encode_parts(&big, MAX), Err(EncodeError::FrameTooLarge { .. })));
+    assert!(matches!(encoded_len(&big, MAX), Err(EncodeError::FrameTooLarge { .. })));
 }
 
 #[test]

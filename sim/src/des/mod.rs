@@ -181,6 +181,7 @@ struct Engine<'a> {
     /// Bytes one side sends in a handshake (hello and proof).
     handshake_bytes: u64,
     bytes_by_kind: [u64; FrameKind::ALL.len()],
+    frames_by_kind: [u64; FrameKind::ALL.len()],
     gossip_duplicates: u64,
     counters: Counters,
 }
@@ -334,6 +335,7 @@ impl<'a> Engine<'a> {
             frame_bytes_max,
             handshake_bytes,
             bytes_by_kind: [0; FrameKind::ALL.len()],
+            frames_by_kind: [0; FrameKind::ALL.len()],
             gossip_duplicates: 0,
             counters: Counters::default(),
         })
@@ -924,8 +926,8 @@ impl<'a> Engine<'a> {
     /// Hand a frame to a side's writer: written now if it is free, else
     /// queued behind the others.
     fn enqueue(&mut self, link_id: u64, side: usize, message: Message) {
-        let bytes = match shoal_node::core::wire::encode_parts(&message, self.frame_bytes_max) {
-            Ok(frame) => u32::try_from(frame.len()).unwrap_or(u32::MAX),
+        let bytes = match shoal_node::core::wire::encoded_len(&message, self.frame_bytes_max) {
+            Ok(len) => len,
             Err(_) => {
                 // The driver's writer stops on a frame it cannot encode.
                 self.counters.frames_unencodable += 1;
@@ -998,6 +1000,7 @@ impl<'a> Engine<'a> {
         let Some(link) = self.links.get(&link_id) else { return };
         let (host, peer) = (link.ends[side].host, link.ends[1 - side].host);
         self.bytes_by_kind[kind_index(&message)] += u64::from(bytes);
+        self.frames_by_kind[kind_index(&message)] += 1;
         self.counters.frames += 1;
         let now_d = self.sim_now();
         let wait = self.hosts[host as usize].upload.take(u64::from(bytes), now_d);
@@ -1017,12 +1020,26 @@ impl<'a> Engine<'a> {
     }
 
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {
-        let (mut responses_unexpected, mut dial_queue_full) = (0, 0);
-        for host in &self.hosts {
-            if let Some(node) = &host.node {
-                self.gossip_duplicates += node.gossip().counters().duplicates;
-                responses_unexpected += node.counters().responses_unexpected;
-                dial_queue_full += node.counters().dial_queue_full;
+        // Node counters summed over the hosts up at the end.
+        type Counter = (&'static str, fn(&Node) -> u64);
+        let node_counters: [Counter; 11] = [
+            ("node_responses_unexpected", |n| n.counters().responses_unexpected),
+            ("node_dial_queue_full", |n| n.counters().dial_queue_full),
+            ("node_connections_idle_closed", |n| n.counters().connections_idle_closed),
+            ("node_probes_skipped", |n| n.counters().probes_skipped),
+            ("node_swarm_dials_skipped", |n| n.counters().swarm_dials_skipped),
+            ("node_connections_open", |n| n.connections() as u64),
+            ("gossip_forwarded", |n| n.gossip().counters().forwarded),
+            ("gossip_ihave_sent", |n| n.gossip().counters().ihave_sent),
+            ("gossip_grafts_sent", |n| n.gossip().counters().grafts_sent),
+            ("gossip_prunes_sent", |n| n.gossip().counters().prunes_sent),
+            ("gossip_relay_budget_exceeded", |n| n.gossip().counters().relay_budget_exceeded),
+        ];
+        let mut node_sums = [0u64; 11];
+        for node in self.hosts.iter().filter_map(|h| h.node.as_ref()) {
+            self.gossip_duplicates += node.gossip().counters().duplicates;
+            for (sum, (_, counter)) in node_sums.iter_mut().zip(&node_counters) {
+                *sum += counter(node);
             }
         }
         let (records, trace_hash, events) = self.collector.finish();
@@ -1053,11 +1070,11 @@ impl<'a> Engine<'a> {
             ("store_errors", c.store_errors as f64),
             ("slow_peers", c.slow_peers as f64),
             ("blocks_cancelled", c.blocks_cancelled as f64),
-            ("node_responses_unexpected", responses_unexpected as f64),
-            ("node_dial_queue_full", dial_queue_full as f64),
         ]
         .into_iter()
+        .chain(node_counters.iter().zip(node_sums).map(|(&(k, _), v)| (k, v as f64)))
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(FrameKind::ALL.iter().map(|&k| (format!("frames_{}", k.name()), self.frames_by_kind[k as usize] as f64)))
         .collect();
         if let Some((start, end)) = rss {
             // Process RSS growth over the run (engine, nodes, stores, links,
