@@ -293,7 +293,13 @@ fn daemon(args: DaemonArgs, api_addr: SocketAddr) -> Result<(), String> {
             NodeEvent::Exchange(e) => tracing::debug!(?e, "exchange"),
             other => tracing::trace!(?other, "event"),
         });
-        let (counters, _store) = driver.run(node, store, rx, Some(observer), random_seed()?).await;
+        // The loop runs as a task on the runtime's workers, not on this
+        // thread: its hand-offs to and from the connection tasks are then
+        // wakes within the scheduler rather than a futex wake of a
+        // separate thread per frame.
+        let seed = random_seed()?;
+        let looping = tokio::spawn(driver.run(node, store, rx, Some(observer), seed));
+        let (counters, _store) = looping.await.map_err(|e| format!("the driver loop failed: {e}"))?;
         let _ = api_stop.send(());
         let _ = server.await;
         tracing::info!(?counters, "stopped");
