@@ -12,6 +12,7 @@
 
 mod disk;
 mod memory;
+mod read_ahead;
 #[cfg(test)]
 mod tests;
 
@@ -124,7 +125,8 @@ pub trait Store {
     }
 
     /// Read `length` bytes (1 ..= [`BLOCK_BYTES`]) at `offset` within a held
-    /// piece. Reads only that block.
+    /// piece. Reads at most a bounded stretch of that piece (the disk store
+    /// reads ahead for the requests that usually follow).
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError>;
 
     /// Which pieces of `file` are held (for resume and bitfield messages).
