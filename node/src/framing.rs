@@ -50,6 +50,9 @@ pub struct FrameReader<R> {
     /// Bytes asked for by the next read.
     read_bytes: usize,
     frame_bytes_max: u32,
+    /// Buffers allocated (the first included).
+    #[cfg(test)]
+    allocations: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -61,6 +64,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             spare: VecDeque::new(),
             read_bytes: READ_BYTES_MIN,
             frame_bytes_max,
+            #[cfg(test)]
+            allocations: 1,
         }
     }
 
@@ -121,7 +126,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.spare.push_back(candidate);
         }
-        let mut next = next.unwrap_or_else(|| BytesMut::with_capacity(self.buf.len() + wanted));
+        let mut next = match next {
+            Some(next) => next,
+            None => {
+                #[cfg(test)]
+                {
+                    self.allocations += 1;
+                }
+                BytesMut::with_capacity(self.buf.len() + wanted)
+            }
+        };
         next.extend_from_slice(&self.buf);
         let mut old = std::mem::replace(&mut self.buf, next);
         old.clear();
@@ -342,5 +356,112 @@ mod tests {
         drop(client);
         let mut reader = FrameReader::new(server, MAX);
         assert!(matches!(reader.next().await, Err(FrameError::Truncated)));
+    }
+
+    fn block(index: u32) -> Message {
+        let data: Vec<u8> = (0..16384u32).map(|i| (i.wrapping_mul(31) ^ index) as u8).collect();
+        Message::Exchange(ExchangeMessage::Block {
+            file: FileId([5; 32]),
+            piece: PieceIndex(index / 64),
+            offset: (index % 64) * 16384,
+            data: Bytes::from(data),
+        })
+    }
+
+    /// Blocks with small frames between them, through a `FrameWriter`,
+    /// read back by a `FrameReader` that keeps every frame it hands out:
+    /// a read buffer still shared with a frame must never be reused.
+    async fn round_trip<W, R>(writer: W, reader: R)
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin,
+    {
+        let sent: Vec<Message> = (0..200).flat_map(|i| [block(i), Message::Keepalive]).chain([block(999)]).collect();
+        let expected = sent.clone();
+        let writing = tokio::spawn(async move {
+            let mut writer = FrameWriter::new(writer, 128 * 1024);
+            let mut bytes = 0;
+            for message in &sent {
+                bytes += writer.send(message, MAX).await.unwrap();
+            }
+            writer.shutdown().await.unwrap();
+            assert_eq!(writer.buffered(), 0);
+            bytes
+        });
+        let mut reader = FrameReader::new(reader, MAX);
+        let (mut got, mut bytes) = (Vec::new(), 0);
+        while let Some((message, len)) = reader.next().await.unwrap() {
+            got.push(message);
+            bytes += len;
+            assert!(reader.spare.len() <= READ_BUFFERS_SPARE_MAX);
+        }
+        assert_eq!(writing.await.unwrap(), bytes);
+        assert!(got == expected, "every frame arrives whole, in order, and stays intact");
+    }
+
+    /// A stream without vectored writes, as turmoil's.
+    struct Plain<W>(W);
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for Plain<W> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_over_a_stream_without_vectored_writes() {
+        let (client, server) = tokio::io::duplex(7000);
+        let client = Plain(client);
+        assert!(!client.is_write_vectored());
+        round_trip(client, server).await;
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_over_tcp_with_vectored_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_, writer) = client.into_split();
+        assert!(writer.is_write_vectored());
+        round_trip(writer, server).await;
+    }
+
+    #[tokio::test]
+    async fn a_busy_reader_reuses_its_buffers_once_frames_are_dropped() {
+        let (client, server) = tokio::io::duplex(300 * 1024);
+        let writing = tokio::spawn(async move {
+            let mut writer = FrameWriter::new(client, 128 * 1024);
+            for i in 0..400 {
+                writer.send(&block(i), MAX).await.unwrap();
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut reader = FrameReader::new(server, MAX);
+        let mut count = 0;
+        while let Some((message, _)) = reader.next().await.unwrap() {
+            assert_eq!(message, block(count));
+            count += 1;
+        }
+        writing.await.unwrap();
+        assert_eq!(count, 400);
+        // 6.4 MiB went through, the frames dropped as they came: a few
+        // buffers went round (a new one per read would be 25 and more).
+        assert!(reader.allocations <= READ_BUFFERS_SPARE_MAX + 2, "{} buffers", reader.allocations);
     }
 }

@@ -295,8 +295,11 @@ fn daemon(args: DaemonArgs, api_addr: SocketAddr) -> Result<(), String> {
         });
         // The loop runs as a task on the runtime's workers, not on this
         // thread: its hand-offs to and from the connection tasks are then
-        // wakes within the scheduler rather than a futex wake of a
-        // separate thread per frame.
+        // wakes within the scheduler rather than a futex wake of another
+        // thread per frame (a 1 GiB transfer: ~45k context switches per
+        // daemon before, ~7-12k after). Its store calls are short (piece
+        // writes and syncs run on the blocking pool), and while one holds
+        // a worker the other workers keep the connections going.
         let seed = random_seed()?;
         let looping = tokio::spawn(driver.run(node, store, rx, Some(observer), seed));
         let (counters, _store) = looping.await.map_err(|e| format!("the driver loop failed: {e}"))?;

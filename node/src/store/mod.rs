@@ -28,8 +28,11 @@ use crate::core::manifest::{FileManifest, ManifestError};
 pub use disk::{DiskStore, LoadIssue, PieceWrite, Recovery};
 pub use memory::MemoryStore;
 
-/// Piece storage for the node's driver. The driver calls it synchronously
-/// from a blocking context.
+/// Piece storage for the node's driver. The driver loop calls it
+/// synchronously, so every call holds up the loop: the per-block and
+/// per-piece calls must be short, and the slow part of storing a piece
+/// (writing, syncing) runs off the loop through
+/// [`prepare_write`](Store::prepare_write).
 ///
 /// Contract, for every implementation:
 /// - A file is tracked from [`create`](Store::create) (a download) or
