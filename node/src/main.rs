@@ -35,6 +35,8 @@ use tokio::sync::mpsc;
 
 /// Commands queued for the driver loop (API requests wait beyond this).
 const COMMAND_QUEUE_MAX: usize = 64;
+/// Bytes a connection's writer gathers before a system call.
+const WRITE_BUFFER_BYTES: usize = 512 * 1024;
 /// How often `get` and `cat` ask the daemon for progress.
 const PROGRESS_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The file the daemon writes its bound addresses to, in its data dir.
@@ -247,6 +249,11 @@ fn daemon(args: DaemonArgs, api_addr: SocketAddr) -> Result<(), String> {
         driver_config.frame_bytes_max = config.frame_bytes_max;
         driver_config.max_upload_bytes_per_s = args.max_upload;
         driver_config.max_download_bytes_per_s = args.max_download;
+        // Over TCP a block's data goes out by reference in a writev, so a
+        // larger gather costs no copy: up to 32 blocks per system call
+        // (the 64 slices tokio gives one writev) instead of 8. A 1 GiB
+        // loopback transfer: ~20% less CPU in the seeder.
+        driver_config.write_buffer_bytes = WRITE_BUFFER_BYTES;
         let driver = Driver::bind(TokioTcp, identity.clone(), driver_config).await.map_err(|e| e.to_string())?;
         let api_listener = tokio::net::TcpListener::bind(api_addr)
             .await
