@@ -6,10 +6,10 @@
 //! requests instead of one, and no block is allocated or zeroed on its own.
 //!
 //! Memory is bounded: at most [`READ_AHEAD_CHUNKS_MAX`] chunks are kept for
-//! serving and as many retired ones for reuse. A retired chunk is reused
-//! only once every block sliced from it has been sent and dropped
-//! ([`Bytes::try_into_mut`]), so its memory goes round instead of through
-//! the allocator (and the kernel's page faults) for every chunk.
+//! serving and [`READ_AHEAD_SPARE_MAX`] retired ones for reuse. A retired
+//! chunk is reused only once every block sliced from it has been sent and
+//! dropped ([`Bytes::try_into_mut`]), so its memory goes round instead of
+//! through the allocator (and the kernel's page faults) for every chunk.
 
 use std::collections::VecDeque;
 
@@ -19,8 +19,11 @@ use crate::core::ids::{FileId, PieceIndex};
 
 /// Bytes of a piece read at once.
 pub(super) const READ_AHEAD_BYTES: u32 = 256 * 1024;
-/// Chunks kept for serving, and retired chunks kept for reuse, each.
+/// Chunks kept for serving.
 const READ_AHEAD_CHUNKS_MAX: usize = 4;
+/// Retired chunks kept for reuse: a writer gathering 512 KiB and the
+/// frames queued behind it hold a few chunks' blocks at once.
+const READ_AHEAD_SPARE_MAX: usize = 8;
 
 /// Bytes of one piece read from disk, from `offset` on.
 #[derive(Debug)]
@@ -89,12 +92,13 @@ impl ReadAhead {
         }
     }
 
+    /// Keep `buffer` for reuse unless as many are kept: the kept ones are
+    /// older, so the first whose blocks are all sent. (One not kept is
+    /// freed once its last block has been sent.)
     fn retire(&mut self, buffer: Bytes) {
-        if self.spare.len() >= READ_AHEAD_CHUNKS_MAX {
-            // Freed once its last block has been sent.
-            self.spare.pop_front();
+        if self.spare.len() < READ_AHEAD_SPARE_MAX {
+            self.spare.push_back(buffer);
         }
-        self.spare.push_back(buffer);
     }
 }
 
@@ -142,7 +146,7 @@ mod tests {
         assert_eq!(fresh.len(), READ_AHEAD_BYTES as usize);
         assert!(fresh.iter().all(|&b| b == 0), "a new buffer");
         assert!(held.iter().all(|&b| b == 2), "a block out is never overwritten");
-        assert!(read_ahead.spare.len() <= READ_AHEAD_CHUNKS_MAX);
+        assert!(read_ahead.spare.len() <= READ_AHEAD_SPARE_MAX);
         assert!(read_ahead.chunks.len() <= READ_AHEAD_CHUNKS_MAX);
     }
 }
