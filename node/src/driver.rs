@@ -44,7 +44,7 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::{CommandError, FileState, FileView, LookupLine, NodeStatus, PeerView, PieceRead, TrafficLine};
-use crate::framing::{FrameReader, write_frame};
+use crate::framing::{FrameReader, FrameWriter, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
@@ -1264,13 +1264,16 @@ async fn connection<T: Transport>(
         return; // the driver stopped
     }
     let writing = tokio::spawn(write_loop(shared.clone(), writer, rx, blocks));
+    let limited = shared.config.max_download_bytes_per_s.is_some();
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
         Traffic::add(&shared.traffic.received, FrameKind::of(&message), bytes);
-        let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
-        let wait = shared.download.lock().await.take(bytes as u64, now);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        if limited {
+            let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
+            let wait = shared.download.lock().await.take(bytes as u64, now);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         match message {
             Message::Keepalive => {}
@@ -1332,9 +1335,10 @@ where
     handshake::verify_peer(identity, &ours, &theirs, &their_proof)
 }
 
-/// Frames go through a buffer of `write_buffer_bytes` and out in one write
-/// when the queue runs dry (or the buffer fills): a busy connection sends
-/// many frames per system call, an idle one sends each at once.
+/// Frames go through a [`FrameWriter`] of `write_buffer_bytes` and out in
+/// one write when the queue runs dry (or the buffer fills): a busy
+/// connection sends many frames per system call, an idle one sends each at
+/// once.
 async fn write_loop<T: Transport>(
     shared: Arc<Shared<T>>,
     writer: T::Writer,
@@ -1342,13 +1346,14 @@ async fn write_loop<T: Transport>(
     blocks: Arc<std::sync::Mutex<BlockQueue>>,
 ) {
     let max = shared.config.frame_bytes_max;
-    let mut writer = tokio::io::BufWriter::with_capacity(shared.config.write_buffer_bytes, writer);
+    let limited = shared.config.max_upload_bytes_per_s.is_some();
+    let mut writer = FrameWriter::new(writer, shared.config.write_buffer_bytes);
     loop {
         let message = match rx.try_recv() {
             Ok(message) => message,
             Err(mpsc::error::TryRecvError::Disconnected) => break, // the loop dropped us
             Err(mpsc::error::TryRecvError::Empty) => {
-                if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
+                if writer.flush().await.is_err() {
                     break;
                 }
                 tokio::select! {
@@ -1368,22 +1373,24 @@ async fn write_loop<T: Transport>(
             continue; // cancelled while queued
         }
         let goodbye = matches!(message, Message::Goodbye { .. });
-        let Ok(bytes) = write_frame(&mut writer, &message, max).await else { break };
+        let Ok(bytes) = writer.send(&message, max).await else { break };
         Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
-        let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
-        let wait = shared.upload.lock().await.take(bytes as u64, now);
-        if !wait.is_zero() {
-            // Out before the pause, so the limit shapes the wire, not the buffer.
-            if tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err() {
-                break;
+        if limited {
+            let now = tokio::time::Instant::now().saturating_duration_since(shared.epoch);
+            let wait = shared.upload.lock().await.take(bytes as u64, now);
+            if !wait.is_zero() {
+                // Out before the pause, so the limit shapes the wire, not the buffer.
+                if writer.flush().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
             }
-            tokio::time::sleep(wait).await;
         }
         if goodbye {
             break;
         }
     }
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+    let _ = writer.shutdown().await;
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@
 //! `poll_output` until `None`, then arm a timer for `poll_timeout`.
 
 mod config;
+mod piece_buffers;
 mod swarm;
 #[cfg(test)]
 mod tests;

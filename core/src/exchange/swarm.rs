@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
+use super::piece_buffers::PieceBuffers;
 use super::{ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, ServeBlock, StorePiece, Violation};
 use crate::content::{BLOCK_BYTES, Layout, MerkleProof, MerkleRoot, MerkleTree, PieceHash, hash_piece, verify_range};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
@@ -85,7 +86,9 @@ pub(super) struct Swarm {
     download: Option<Download>,
     sessions: Vec<Option<Session>>,
     /// Blocks of started pieces, until the piece is verified or fails.
-    buffers: BTreeMap<PieceIndex, Vec<u8>>,
+    buffers: BTreeMap<PieceIndex, BytesMut>,
+    /// Memory of pieces handed out, reused for later ones.
+    piece_buffers: PieceBuffers,
     strikes: BTreeMap<NodeId, u32>,
     banned: BTreeSet<NodeId>,
     /// `banned` in ban order, to forget the oldest at `bans_per_file_max`.
@@ -131,6 +134,7 @@ impl Swarm {
             download: None,
             sessions: vec![None; usize::from(config.peers_per_file_max)],
             buffers: BTreeMap::new(),
+            piece_buffers: PieceBuffers::default(),
             strikes: BTreeMap::new(),
             banned: BTreeSet::new(),
             ban_order: VecDeque::new(),
@@ -752,7 +756,10 @@ impl Swarm {
             session.downloaded_bytes += u64::from(length);
         }
         let piece_len = self.layout.piece_len(piece) as usize;
-        let buffer = self.buffers.entry(piece).or_insert_with(|| vec![0; piece_len]);
+        let buffer = match self.buffers.entry(piece) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => entry.insert(self.piece_buffers.take(piece_len)),
+        };
         buffer[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         for (other, block) in accepted.cancels {
             self.send_cancel(other, block, out);
@@ -804,7 +811,9 @@ impl Swarm {
             stats.pieces_verified += 1;
             let senders = download.piece_passed(piece);
             let complete = download.is_complete();
-            out.push_back(ExchangeOutput::StorePiece(StorePiece { file, piece, data: Bytes::from(buffer) }));
+            let data = buffer.freeze();
+            self.piece_buffers.retire(&data);
+            out.push_back(ExchangeOutput::StorePiece(StorePiece { file, piece, data }));
             out.push_back(ExchangeOutput::Event(ExchangeEvent::PieceVerified { file, piece }));
             self.set_have(piece);
             for index in 0..self.sessions.len() {
@@ -823,6 +832,7 @@ impl Swarm {
             if complete {
                 self.download = None;
                 self.buffers.clear();
+                self.piece_buffers.clear();
                 for index in 0..self.sessions.len() {
                     self.update_interest(PeerSlot(index as u16), out);
                 }
@@ -831,6 +841,7 @@ impl Swarm {
             return After::Nothing;
         }
         stats.pieces_failed += 1;
+        self.piece_buffers.retire(&buffer.freeze());
         let culprits = download.piece_failed(piece);
         let nodes: Vec<(ConnId, NodeId)> =
             culprits.iter().filter_map(|&slot| self.session(slot).map(|s| (s.conn, s.node))).collect();

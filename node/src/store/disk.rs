@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::read_ahead::{READ_AHEAD_BYTES, ReadAhead};
 use super::{FileMeta, FileStatus, HeldPieces, Store, StoreError};
 use crate::core::content::{self, PieceHash};
 use crate::core::ids::{FileId, PieceIndex};
@@ -245,7 +246,8 @@ struct DiskFile {
 ///   "nothing held"; a missing or wrong-length data file is recreated empty.
 ///
 /// Memory is bounded whatever the file size: pieces are written as given,
-/// blocks are read alone with `pread`, shared files are never loaded whole.
+/// blocks are read with `pread` a bounded chunk of their piece at a time
+/// ([`ReadAhead`]), shared files are never loaded whole.
 ///
 /// Bitfield format: `"shoalhv1"`, piece count (u32 LE), the packed bits
 /// (MSB first), then SHA-256 of everything before it. The shared record is
@@ -260,6 +262,9 @@ pub struct DiskStore {
     issues: Vec<LoadIssue>,
     /// Open read handles (at most [`READ_HANDLES_MAX`]).
     readers: BTreeMap<FileId, File>,
+    /// Blocks read ahead of the requests for them (bounded; see
+    /// [`ReadAhead`]).
+    read_ahead: ReadAhead,
     /// Pieces handed out as [`PieceWrite`] jobs and not yet committed:
     /// served from here, not yet held. Bounded by the caller's queue.
     queued: BTreeMap<(FileId, PieceIndex), Bytes>,
@@ -422,6 +427,7 @@ impl DiskStore {
             files: BTreeMap::new(),
             issues: Vec::new(),
             readers: BTreeMap::new(),
+            read_ahead: ReadAhead::default(),
             queued: BTreeMap::new(),
         };
         store.load_all()?;
@@ -814,13 +820,21 @@ impl Store for DiskStore {
             Source::Download { data } => (data, None),
             Source::Shared { path, record } => (path, Some(record)),
         };
+        // A shared original is checked before every read from it (one
+        // `fstat` of the open handle); a download's data file is ours.
+        let mut checked = None;
         if record.is_some()
             && let Some(cached) = self.readers.get(file)
-            && cached.metadata().is_ok_and(|metadata| metadata.nlink() == 0)
         {
-            // The original was deleted or replaced since it was opened: look
-            // at the path again.
-            self.readers.remove(file);
+            let metadata = cached.metadata().map_err(io_error("stat", path))?;
+            if metadata.nlink() == 0 {
+                // The original was deleted or replaced since it was opened:
+                // look at the path again.
+                self.readers.remove(file);
+                self.read_ahead.forget(file);
+            } else {
+                checked = Some(metadata);
+            }
         }
         if !self.readers.contains_key(file) {
             if self.readers.len() >= READ_HANDLES_MAX {
@@ -834,7 +848,10 @@ impl Store for DiskStore {
         if let Some(record) = record {
             // Check the opened file itself, so a swap between stat and read
             // cannot slip through.
-            let metadata = handle.metadata().map_err(io_error("stat", path))?;
+            let metadata = match checked {
+                Some(metadata) => metadata,
+                None => handle.metadata().map_err(io_error("stat", path))?,
+            };
             let (got_bytes, got_mtime) = shape(&metadata);
             let expected_mtime = (record.mtime_s, record.mtime_ns);
             if got_bytes != record.file_bytes || got_mtime != expected_mtime {
@@ -847,10 +864,18 @@ impl Store for DiskStore {
                 });
             }
         }
-        let mut block = vec![0u8; length as usize];
+        if let Some(block) = self.read_ahead.block(file, piece, offset, length) {
+            return Ok(block);
+        }
+        // `check_block` bounds the block within the piece.
+        let chunk_len = READ_AHEAD_BYTES.min(entry.meta.layout.piece_len(piece) - offset);
+        let mut buffer = self.read_ahead.buffer();
         let position = entry.meta.layout.piece_offset(piece) + u64::from(offset);
-        handle.read_exact_at(&mut block, position).map_err(io_error("read", path))?;
-        Ok(Bytes::from(block))
+        handle.read_exact_at(&mut buffer[..chunk_len as usize], position).map_err(io_error("read", path))?;
+        let buffer = buffer.freeze();
+        let block = buffer.slice(..length as usize);
+        self.read_ahead.insert(*file, piece, offset, chunk_len, buffer);
+        Ok(block)
     }
 
     fn held(&self, file: &FileId) -> Result<HeldPieces, StoreError> {
@@ -880,6 +905,7 @@ impl Store for DiskStore {
     fn remove(&mut self, file: &FileId) -> Result<(), StoreError> {
         let dir = self.file(file)?.dir.clone();
         self.readers.remove(file);
+        self.read_ahead.forget(file);
         self.queued.retain(|(queued, _), _| queued != file);
         // Deletes only the store's own directory: a shared original lives
         // elsewhere and is never touched.

@@ -12,6 +12,7 @@
 
 mod disk;
 mod memory;
+mod read_ahead;
 #[cfg(test)]
 mod tests;
 
@@ -27,8 +28,11 @@ use crate::core::manifest::{FileManifest, ManifestError};
 pub use disk::{DiskStore, LoadIssue, PieceWrite, Recovery};
 pub use memory::MemoryStore;
 
-/// Piece storage for the node's driver. The driver calls it synchronously
-/// from a blocking context.
+/// Piece storage for the node's driver. The driver loop calls it
+/// synchronously, so every call holds up the loop: the per-block and
+/// per-piece calls must be short, and the slow part of storing a piece
+/// (writing, syncing) runs off the loop through
+/// [`prepare_write`](Store::prepare_write).
 ///
 /// Contract, for every implementation:
 /// - A file is tracked from [`create`](Store::create) (a download) or
@@ -124,7 +128,8 @@ pub trait Store {
     }
 
     /// Read `length` bytes (1 ..= [`BLOCK_BYTES`]) at `offset` within a held
-    /// piece. Reads only that block.
+    /// piece. Reads at most a bounded stretch of that piece (the disk store
+    /// reads ahead for the requests that usually follow).
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError>;
 
     /// Which pieces of `file` are held (for resume and bitfield messages).
