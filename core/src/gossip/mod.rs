@@ -17,6 +17,11 @@
 //!   missed with IWANT from the message cache (`lazy.rs`, `cache.rs`);
 //! - ids are content hashes (`validate.rs`); a TTL-bounded seen cache makes
 //!   each message reach the application once;
+//! - Files and Swarm are broadcasts; Peers announcements are sampled: a
+//!   node relays them within a token budget (`peers_relay_per_min`,
+//!   `peers_relay_burst`) and never IHAVEs them, so a stream of joins
+//!   costs each node O(1) frames whatever the network's size;
+//! - a new peer learns all our topics in one `Subscriptions` frame;
 //! - every peer has a rate budget and a penalty; invalid messages and
 //!   floods cost points, a graylisted peer is pruned from every mesh and
 //!   ignored, and past a second threshold it is disconnected (`peer.rs`).

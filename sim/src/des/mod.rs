@@ -26,7 +26,7 @@
 //! the pair's latency (plus seeded jitter), and the receiver's reader takes
 //! B from its download bucket and hands the frame over after the wait
 //! (B/down once the burst is spent). Frame sizes are the real encoded
-//! lengths (`shoal_core::wire::encode_parts`); handshake frames are counted
+//! lengths (`shoal_core::wire::encoded_len`); handshake frames are counted
 //! (their size is computed once) but, as in the driver, bypass the rate
 //! limits; keepalives are not simulated (idle connections cost nothing)
 //! and so are not in the byte counts.
@@ -316,7 +316,7 @@ impl<'a> Engine<'a> {
         let hello = Hello { protocol_version: 0, public_key: [0; 32], listen_addr: Some(host_addr(0)), nonce: [0; 32] };
         let proof = HelloProof { signature: Signature([0; 64]) };
         let frame_len = |m: &Message| {
-            shoal_node::core::wire::encode_parts(m, frame_bytes_max).map(|f| f.len() as u64).map_err(|e| e.to_string())
+            shoal_node::core::wire::encoded_len(m, frame_bytes_max).map(u64::from).map_err(|e| e.to_string())
         };
         let handshake_bytes = frame_len(&Message::Hello(hello))? + frame_len(&Message::HelloProof(proof))?;
         Ok(Self {
@@ -692,7 +692,7 @@ impl<'a> Engine<'a> {
 
     fn goodbye_bytes(&self) -> u64 {
         let goodbye = Message::Goodbye { reason: GoodbyeReason::TooManyConnections };
-        shoal_node::core::wire::encode_parts(&goodbye, self.frame_bytes_max).map_or(0, |f| f.len() as u64)
+        shoal_node::core::wire::encoded_len(&goodbye, self.frame_bytes_max).map_or(0, u64::from)
     }
 
     /// A side's connection ended without it asking: its node hears
