@@ -556,8 +556,10 @@ impl Download {
             other => other,
         };
         if let Some(peer) = self.peers[usize::from(slot.0)].as_mut() {
+            // A cancelled copy stays remembered: the peer may have served
+            // the old request before it saw a choke or cancel, and then
+            // this one too; the first copy to come answers this request.
             peer.inflight.insert(block, deadline);
-            peer.cancelled.remove(&block);
         }
         self.deadlines.insert((deadline, slot, block));
     }
@@ -636,10 +638,15 @@ impl Download {
     }
 
     /// The peer refused a request (BEP 6 reject): free it for others.
+    /// Requests carry no id, so a reject may answer an older request for
+    /// the same block (one sent while choked, then asked again after the
+    /// unchoke) while the newer one is served: the block, should it still
+    /// come, counts as wasted rather than unsolicited.
     pub fn on_reject(&mut self, slot: PeerSlot, block: BlockRef) -> bool {
-        let Some(peer) = self.peers.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return false };
-        let Some(deadline) = peer.inflight.remove(&block) else { return false };
-        self.deadlines.remove(&(deadline, slot, block));
+        if !self.peer(slot).is_some_and(|p| p.inflight.contains_key(&block)) {
+            return false;
+        }
+        self.forget_request(slot, block);
         self.release(slot, block);
         true
     }

@@ -275,3 +275,30 @@ fn a_choking_owner_gives_up_its_pieces() {
     let from_b = d.next_requests(B, t(1));
     assert!(from_b.iter().any(|b| b.piece == piece), "B takes over {piece:?} from choking A: {from_b:?}");
 }
+
+/// Requests carry no id: a block asked for, dropped by a choke, and asked
+/// for again after the unchoke may come twice (the peer served the first
+/// request before it saw its own choke). The second copy is waste, not a
+/// protocol violation; likewise after a reject that answered the older
+/// request while the newer one is served.
+#[test]
+fn a_block_asked_twice_across_a_choke_may_come_twice() {
+    let mut d = download(DownloadConfig::default());
+    seed(&mut d, A);
+    let first = d.next_requests(A, t(0));
+    let block = first[0];
+    d.set_choked(A, true);
+    d.set_choked(A, false);
+    let again = d.next_requests(A, t(10));
+    assert!(again.contains(&block), "the dropped block is asked for again");
+    assert!(d.on_block(A, block, t(20)).is_ok(), "the first copy answers the request");
+    assert_eq!(d.on_block(A, block, t(21)).unwrap_err(), BlockError::Duplicate, "the second is waste");
+    // A reject for the old request while the new one is in flight.
+    let other = again.iter().copied().find(|b| *b != block).unwrap();
+    d.set_choked(A, true);
+    d.set_choked(A, false);
+    let third = d.next_requests(A, t(30));
+    assert!(third.contains(&other));
+    assert!(d.on_reject(A, other));
+    assert_eq!(d.on_block(A, other, t(40)).unwrap_err(), BlockError::Duplicate);
+}
