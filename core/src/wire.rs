@@ -38,7 +38,7 @@ use crate::ids::{FileId, NodeId, PieceIndex};
 use crate::manifest::FileManifest;
 
 /// Encoding version carried by every frame.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Protocol version exchanged in the handshake.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of the frame length prefix.
@@ -436,6 +436,15 @@ pub enum ExchangeMessage {
         /// The file.
         file: FileId,
     },
+    /// The sender ended its session for `file` and keeps the connection:
+    /// it has no room for another peer of the file, banned the receiver,
+    /// does not serve the file, or both sides hold every piece. The
+    /// receiver drops its side; a `Leave` is never answered and never
+    /// opens a session.
+    Leave {
+        /// The file.
+        file: FileId,
+    },
 }
 
 /// Everything that travels on a Shoal connection.
@@ -491,7 +500,8 @@ impl ExchangeMessage {
             | Self::HashRequest { file, .. }
             | Self::Hashes { file, .. }
             | Self::Choke { file }
-            | Self::Unchoke { file } => *file,
+            | Self::Unchoke { file }
+            | Self::Leave { file } => *file,
         }
     }
 }

@@ -27,6 +27,11 @@ pub struct ExchangeConfig {
     pub rechoke_interval: Duration,
     /// How often the optimistic slot rotates.
     pub optimistic_unchoke_interval: Duration,
+    /// An unchoked peer that requests nothing for a whole interval gives
+    /// its slot to an interested peer waiting for one: a slot is for
+    /// uploading, and a peer interested in pieces it fetches elsewhere
+    /// would hold it idle until the next rechoke.
+    pub idle_slot_interval: Duration,
     /// Requests from one peer we hold before rejecting more: bounds the
     /// outgoing block queue per peer (libtorrent's
     /// `max_allowed_in_request_queue` is 500).
@@ -56,10 +61,11 @@ impl Default for ExchangeConfig {
             download: DownloadConfig::default(),
             files_max: 1024,
             peers_per_file_max: 64,
-            upload_slots: 4,
+            upload_slots: 8,
             optimistic_unchoke_slots: 1,
             rechoke_interval: Duration::from_secs(10),
             optimistic_unchoke_interval: Duration::from_secs(30),
+            idle_slot_interval: Duration::from_secs(1),
             requests_queued_per_peer_max: 256,
             strikes_max: 3,
             bans_per_file_max: 1024,
@@ -94,6 +100,17 @@ impl ExchangeConfig {
             d.unverified_bytes_max,
             "must hold the largest piece (16 MiB)",
         )?;
-        check(!self.rechoke_interval.is_zero(), "rechoke_interval", self.rechoke_interval.as_secs(), "must be positive")
+        check(
+            !self.rechoke_interval.is_zero(),
+            "rechoke_interval",
+            self.rechoke_interval.as_secs(),
+            "must be positive",
+        )?;
+        check(
+            !self.idle_slot_interval.is_zero(),
+            "idle_slot_interval",
+            self.idle_slot_interval.as_secs(),
+            "must be positive",
+        )
     }
 }

@@ -265,6 +265,9 @@ pub struct ExchangeStats {
     pub pieces_failed: u64,
     /// Requests we rejected (choked, unknown piece, over the queue limit).
     pub requests_rejected: u64,
+    /// Upload slots moved from an unchoked peer that asked for nothing
+    /// to a waiting one (`idle_slot_interval`).
+    pub idle_slots_reassigned: u64,
     /// Protocol violations seen.
     pub violations: u64,
     /// Messages dropped because a limit was reached (files, peers).
@@ -287,6 +290,7 @@ pub struct Exchange {
     out: VecDeque<ExchangeOutput>,
     next_rechoke: Option<Instant>,
     next_optimistic: Option<Instant>,
+    next_idle_check: Option<Instant>,
     stats: ExchangeStats,
 }
 
@@ -302,6 +306,7 @@ impl Exchange {
             out: VecDeque::new(),
             next_rechoke: None,
             next_optimistic: None,
+            next_idle_check: None,
             stats: ExchangeStats::default(),
         }
     }
@@ -360,7 +365,7 @@ impl Exchange {
                 self.add_swarm(now, &manifest, piece_hashes, Some(have));
             }
             ExchangeInput::Remove { file } => self.remove_swarm(file),
-            ExchangeInput::Open { conn, file } => self.open(now, conn, file),
+            ExchangeInput::Open { conn, file } => self.open(conn, file),
             ExchangeInput::Stream { file, from } => {
                 if let Some(swarm) = self.swarms.get_mut(&file) {
                     swarm.set_streaming(from);
@@ -394,6 +399,10 @@ impl Exchange {
         if self.next_rechoke.is_some_and(|t| t <= now) || optimistic_due {
             self.rechoke(now, optimistic_due);
         }
+        if self.next_idle_check.is_some_and(|t| t <= now) {
+            self.next_idle_check = Some(now + self.config.idle_slot_interval);
+            self.reassign_idle_slots();
+        }
     }
 
     /// Next output, until `None`.
@@ -405,13 +414,14 @@ impl Exchange {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let swarms = self.swarms.values().filter_map(Swarm::poll_timeout);
-        swarms.chain(self.next_rechoke).chain(self.next_optimistic).min()
+        swarms.chain(self.next_rechoke).chain(self.next_optimistic).chain(self.next_idle_check).min()
     }
 
     fn arm_choker(&mut self, now: Instant) {
         if self.next_rechoke.is_none() && !self.swarms.is_empty() {
             self.next_rechoke = Some(now + self.config.rechoke_interval);
             self.next_optimistic = Some(now + self.config.optimistic_unchoke_interval);
+            self.next_idle_check = Some(now + self.config.idle_slot_interval);
         }
     }
 
@@ -449,14 +459,16 @@ impl Exchange {
 
     fn remove_swarm(&mut self, file: FileId) {
         if self.swarms.remove(&file).is_some() {
-            for conn in self.conns.values_mut() {
-                conn.files.remove(&file);
+            for (&conn, c) in &mut self.conns {
+                if c.files.remove(&file).is_some() {
+                    self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } });
+                }
             }
         }
     }
 
     /// Open a session for `file` on `conn` from our side.
-    fn open(&mut self, now: Instant, conn: ConnId, file: FileId) {
+    fn open(&mut self, conn: ConnId, file: FileId) {
         let Some(node) = self.conns.get(&conn).map(|c| c.node) else { return };
         if self.conns.get(&conn).is_some_and(|c| c.files.contains_key(&file)) {
             return;
@@ -467,7 +479,7 @@ impl Exchange {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.files.insert(file, slot);
                 }
-                self.unchoke_if_slot_free(now, file, slot);
+                // No unchoke yet: a slot goes to a peer once it is interested.
             }
             None => self.stats.dropped_over_limit += 1,
         }
@@ -480,13 +492,21 @@ impl Exchange {
         let slot = match c.files.get(&file) {
             Some(&slot) => slot,
             None => {
-                // The peer opens a session. Unknown file: say we hold nothing.
+                // A `Leave` for a session we no longer hold: already gone.
+                if matches!(message, ExchangeMessage::Leave { .. }) {
+                    return;
+                }
+                // The peer opens a session. A file we do not serve, no room
+                // for another peer, or a banned peer: say so, or the peer
+                // would wait on a session nobody serves.
+                let leave = ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } };
                 let Some(swarm) = self.swarms.get_mut(&file) else {
-                    self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::HaveNone { file } });
+                    self.out.push_back(leave);
                     return;
                 };
                 let Some(slot) = swarm.add_peer(conn, node, &mut self.out) else {
                     self.stats.dropped_over_limit += 1;
+                    self.out.push_back(leave);
                     return;
                 };
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -496,11 +516,27 @@ impl Exchange {
             }
         };
         let Some(swarm) = self.swarms.get_mut(&file) else { return };
+        let was_complete = swarm.is_complete();
         let result = swarm.on_message(now, slot, message, &mut self.out, &mut self.stats);
+        if !was_complete && swarm.is_complete() {
+            self.leave_complete_peers(now, file);
+        }
         match result {
             Ok(swarm::After::Nothing) => {}
+            Ok(swarm::After::Left) => self.drop_session(now, conn, file),
+            Ok(swarm::After::Redundant) => {
+                self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } });
+                self.drop_session(now, conn, file);
+            }
             Ok(swarm::After::PeerInterested) => self.unchoke_if_slot_free(now, file, slot),
-            Ok(swarm::After::SlotFreed) => self.fill_free_slots(),
+            Ok(swarm::After::SlotIdle) => {
+                if self.swarms.values().any(|s| s.waiting_for_slot().next().is_some())
+                    && let Some(swarm) = self.swarms.get_mut(&file)
+                {
+                    swarm.set_choking(slot, true, &mut self.out);
+                    self.fill_free_slots_except(&[(file, slot)]);
+                }
+            }
             Ok(swarm::After::Banned(banned)) => {
                 self.out.push_back(ExchangeOutput::Event(ExchangeEvent::PeerBanned { file, node: banned.1 }));
                 self.end_session(now, banned.0, file, GoodbyeReason::Banned);
@@ -515,19 +551,46 @@ impl Exchange {
     }
 
     /// Drop one file's session on a connection; close the connection if
-    /// it carries nothing else.
+    /// it carries nothing else, else tell the peer with a `Leave`.
     fn end_session(&mut self, now: Instant, conn: ConnId, file: FileId, reason: GoodbyeReason) {
+        self.drop_session(now, conn, file);
+        if self.conns.get(&conn).is_some_and(|c| c.files.is_empty()) {
+            self.out.push_back(ExchangeOutput::Disconnect { conn, reason });
+            self.conns.remove(&conn);
+        } else {
+            self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } });
+        }
+    }
+
+    /// Forget our side of one file's session on a connection, which stays
+    /// open (the node closes it once nothing uses it).
+    fn drop_session(&mut self, now: Instant, conn: ConnId, file: FileId) {
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if let Some(slot) = c.files.remove(&file)
             && let Some(swarm) = self.swarms.get_mut(&file)
         {
             swarm.remove_peer(now, slot, &mut self.out);
         }
-        if self.conns.get(&conn).is_some_and(|c| c.files.is_empty()) {
-            self.out.push_back(ExchangeOutput::Disconnect { conn, reason });
-            self.conns.remove(&conn);
-        }
         self.fill_free_slots();
+    }
+
+    /// We hold every piece of `file` now: sessions with peers that do
+    /// too trade nothing, and end (libtorrent's
+    /// `close_redundant_connections`), freeing both sides' peer slots
+    /// for peers still downloading.
+    fn leave_complete_peers(&mut self, now: Instant, file: FileId) {
+        let Some(swarm) = self.swarms.get(&file) else { return };
+        let complete: Vec<PeerSlot> = swarm.complete_peers().collect();
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.files.get(&file).is_some_and(|slot| complete.contains(slot)))
+            .map(|(&conn, _)| conn)
+            .collect();
+        for conn in conns {
+            self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } });
+            self.drop_session(now, conn, file);
+        }
     }
 
     fn close_conn(&mut self, now: Instant, conn: ConnId) {
@@ -544,13 +607,19 @@ impl Exchange {
         self.swarms.values().map(Swarm::unchoked_count).sum()
     }
 
-    /// A newly interested peer gets a slot at once if one is free
-    /// (libtorrent does the same rather than wait for the next rechoke).
+    /// A newly interested peer gets a slot at once if one is free, or
+    /// held by a peer that wants nothing from us (libtorrent too unchokes
+    /// at once rather than wait for the next rechoke).
     fn unchoke_if_slot_free(&mut self, _now: Instant, file: FileId, slot: PeerSlot) {
         let slots = (self.config.upload_slots + self.config.optimistic_unchoke_slots) as usize;
-        if self.unchoked_count() < slots
-            && let Some(swarm) = self.swarms.get_mut(&file)
-        {
+        if self.unchoked_count() >= slots {
+            let idle = self.swarms.iter().find_map(|(&f, s)| s.unchoked_uninterested().map(|s| (f, s)));
+            let Some((idle_file, idle_slot)) = idle else { return };
+            if let Some(swarm) = self.swarms.get_mut(&idle_file) {
+                swarm.set_choking(idle_slot, true, &mut self.out);
+            }
+        }
+        if let Some(swarm) = self.swarms.get_mut(&file) {
             swarm.set_choking(slot, false, &mut self.out);
         }
     }
@@ -559,13 +628,43 @@ impl Exchange {
     /// random (a peer that completed or left frees its slot at once; the
     /// next rechoke ranks everyone again).
     fn fill_free_slots(&mut self) {
+        self.fill_free_slots_except(&[]);
+    }
+
+    /// Move the slots of unchoked peers that asked for nothing during the
+    /// last `idle_slot_interval` to interested peers waiting for one
+    /// (config docs); the idle peers wait again, and count again at the
+    /// next rechoke.
+    fn reassign_idle_slots(&mut self) {
+        let mut idle: Vec<(FileId, PeerSlot)> = Vec::new();
+        for (&file, swarm) in &mut self.swarms {
+            idle.extend(swarm.take_idle_slots().into_iter().map(|slot| (file, slot)));
+        }
+        let waiting = self.swarms.values().map(|s| s.waiting_for_slot().count()).sum::<usize>();
+        if idle.is_empty() || waiting == 0 {
+            return;
+        }
+        for &(file, slot) in idle.iter().take(waiting) {
+            if let Some(swarm) = self.swarms.get_mut(&file) {
+                swarm.set_choking(slot, true, &mut self.out);
+                self.stats.idle_slots_reassigned += 1;
+            }
+        }
+        self.fill_free_slots_except(&idle);
+    }
+
+    fn fill_free_slots_except(&mut self, except: &[(FileId, PeerSlot)]) {
         let slots = (self.config.upload_slots + self.config.optimistic_unchoke_slots) as usize;
         let mut free = slots.saturating_sub(self.unchoked_count());
         if free == 0 {
             return;
         }
-        let mut waiting: Vec<(FileId, PeerSlot)> =
-            self.swarms.iter().flat_map(|(&file, swarm)| swarm.waiting_for_slot().map(move |s| (file, s))).collect();
+        let mut waiting: Vec<(FileId, PeerSlot)> = self
+            .swarms
+            .iter()
+            .flat_map(|(&file, swarm)| swarm.waiting_for_slot().map(move |s| (file, s)))
+            .filter(|waiting| !except.contains(waiting))
+            .collect();
         while free > 0 && !waiting.is_empty() {
             let i = rand::RngExt::random_range(&mut self.rng, 0..waiting.len());
             let (file, slot) = waiting.swap_remove(i);

@@ -22,10 +22,14 @@ pub(super) enum After {
     /// The peer became interested: it may get a free upload slot.
     PeerInterested,
     /// An unchoked peer lost interest: its upload slot serves nobody and
-    /// is free for a waiting peer.
-    SlotFreed,
+    /// can go to a waiting peer.
+    SlotIdle,
     /// These peers reached the strike limit.
     Banned((ConnId, NodeId)),
+    /// The peer ended its session (`Leave`): drop ours.
+    Left,
+    /// Both sides hold every piece: end the session.
+    Redundant,
 }
 
 #[derive(Clone, Debug)]
@@ -37,12 +41,19 @@ struct Session {
     peer_interested: bool,
     /// The peer sent its Bitfield, HaveAll or HaveNone.
     announced: bool,
+    /// The peer announced every piece (kept when our download ends,
+    /// which forgets who holds what).
+    peer_complete: bool,
     /// Blocks handed to the driver and not yet reported sent.
     queued_serves: u32,
     choked_requests: u32,
     uploaded_bytes: u64,
     downloaded_bytes: u64,
     optimistic: bool,
+    /// Requests taken since the last idle-slot check.
+    requests_since_check: u32,
+    /// Unchoked through the whole interval since the last check.
+    unchoked_since_check: bool,
     /// Super seeding only: the peer's pieces, and what we revealed to it
     /// that it does not have yet.
     peer_pieces: Vec<u8>,
@@ -195,9 +206,38 @@ impl Swarm {
         self.sessions.iter().flatten().count()
     }
 
-    /// Upload slots in use: unchoked peers that want something from us.
+    /// A peer that announced every piece, when we hold every piece too,
+    /// has nothing to trade with us.
+    fn redundancy(&self, slot: PeerSlot) -> After {
+        if self.is_complete() && self.session(slot).is_some_and(|s| s.peer_complete) {
+            After::Redundant
+        } else {
+            After::Nothing
+        }
+    }
+
+    /// Peers that announced every piece.
+    pub(super) fn complete_peers(&self) -> impl Iterator<Item = PeerSlot> + '_ {
+        self.sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, session)| session.as_ref().filter(|s| s.peer_complete).map(|_| PeerSlot(index as u16)))
+    }
+
+    /// Upload slots in use: the peers we unchoke, interested or not (a
+    /// peer that lost interest keeps its slot until a waiting peer needs
+    /// it, so interest that comes and goes costs no choke round trip).
     pub(super) fn unchoked_count(&self) -> usize {
-        self.sessions.iter().flatten().filter(|s| !s.am_choking && s.peer_interested).count()
+        self.sessions.iter().flatten().filter(|s| !s.am_choking).count()
+    }
+
+    /// An unchoked peer that wants nothing from us: its slot can go to a
+    /// waiting peer.
+    pub(super) fn unchoked_uninterested(&self) -> Option<PeerSlot> {
+        self.sessions
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| !s.am_choking && !s.peer_interested))
+            .map(|i| PeerSlot(i as u16))
     }
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
@@ -254,11 +294,14 @@ impl Swarm {
             am_interested: false,
             peer_interested: false,
             announced: false,
+            peer_complete: false,
             queued_serves: 0,
             choked_requests: 0,
             uploaded_bytes: 0,
             downloaded_bytes: 0,
             optimistic: false,
+            requests_since_check: 0,
+            unchoked_since_check: false,
             peer_pieces: if self.super_seed.is_some() { vec![0; self.have.len()] } else { Vec::new() },
             revealed: Vec::new(),
         });
@@ -310,6 +353,7 @@ impl Swarm {
         }
         session.am_choking = choking;
         session.choked_requests = 0;
+        session.unchoked_since_check = false;
         let message = if choking { ExchangeMessage::Choke { file } } else { ExchangeMessage::Unchoke { file } };
         self.send(out, slot, message);
     }
@@ -319,6 +363,21 @@ impl Swarm {
         self.sessions.iter().enumerate().filter_map(|(index, session)| {
             session.as_ref().filter(|s| s.peer_interested && s.am_choking).map(|_| PeerSlot(index as u16))
         })
+    }
+
+    /// Unchoked peers that asked for nothing since the last check although
+    /// unchoked before it; starts the next interval.
+    pub(super) fn take_idle_slots(&mut self) -> Vec<PeerSlot> {
+        let mut idle = Vec::new();
+        for (index, session) in self.sessions.iter_mut().enumerate() {
+            let Some(session) = session.as_mut().filter(|s| !s.am_choking) else { continue };
+            if session.unchoked_since_check && session.requests_since_check == 0 {
+                idle.push(PeerSlot(index as u16));
+            }
+            session.unchoked_since_check = true;
+            session.requests_since_check = 0;
+        }
+        idle
     }
 
     /// `(slot, score, optimistic)` of every interested peer, and reset the
@@ -586,6 +645,7 @@ impl Swarm {
                 if std::mem::replace(&mut session.announced, true) || !bitfield_is_valid(pieces, &bits) {
                     return Err(Violation::BadBitfield);
                 }
+                session.peer_complete = bits.iter().map(|b| b.count_ones()).sum::<u32>() == pieces;
                 if let Some(download) = &mut self.download {
                     download.peer_bitfield(slot, &bits).map_err(|_| Violation::BadBitfield)?;
                 }
@@ -597,16 +657,20 @@ impl Swarm {
                     self.super_seed_peer_has(slot, &held, out);
                 }
                 self.update_interest(slot, out);
+                return Ok(self.redundancy(slot));
             }
             ExchangeMessage::HaveAll { .. } => {
                 if std::mem::replace(&mut session.announced, true) {
                     return Err(Violation::BadBitfield);
                 }
+                session.peer_complete = true;
                 if let Some(download) = &mut self.download {
                     download.peer_has_all(slot).map_err(|_| Violation::BadBitfield)?;
                 }
                 self.update_interest(slot, out);
+                return Ok(self.redundancy(slot));
             }
+            ExchangeMessage::Leave { .. } => return Ok(After::Left),
             ExchangeMessage::HaveNone { .. } => {
                 if std::mem::replace(&mut session.announced, true) {
                     return Err(Violation::BadBitfield);
@@ -620,6 +684,12 @@ impl Swarm {
                 session.announced = true; // a HAVE first implies HaveNone before it
                 if let Some(download) = &mut self.download {
                     download.peer_have(slot, piece).map_err(|_| Violation::BadRange)?;
+                    // Counted only while downloading; a seed learns of a
+                    // peer's completion from the peer's `Leave`.
+                    let complete = download.picker().peer_piece_count(slot) == pieces;
+                    if let Some(session) = self.session_mut(slot) {
+                        session.peer_complete = complete;
+                    }
                 }
                 self.super_seed_peer_has(slot, &[piece], out);
                 self.update_interest(slot, out);
@@ -633,12 +703,11 @@ impl Swarm {
             }
             ExchangeMessage::NotInterested { .. } => {
                 session.peer_interested = false;
-                // Its upload slot serves nobody now (a peer that completed):
-                // hand it on at once rather than at the next rechoke. The
-                // peer stays unchoked, so blocks in flight still count and
-                // renewed interest needs no new round trip.
+                // Its upload slot serves nobody now (a peer that completed,
+                // or holds all we have): the exchange hands it to a waiting
+                // peer, if any, rather than wait for the next rechoke.
                 if !session.am_choking {
-                    return Ok(After::SlotFreed);
+                    return Ok(After::SlotIdle);
                 }
             }
             ExchangeMessage::Choke { .. } => {
@@ -715,6 +784,7 @@ impl Swarm {
             return Ok(After::Nothing);
         }
         session.queued_serves += 1;
+        session.requests_since_check = session.requests_since_check.saturating_add(1);
         session.uploaded_bytes += u64::from(length);
         stats.blocks_served += 1;
         out.push_back(ExchangeOutput::ServeBlock(ServeBlock { conn: session.conn, file, piece, offset, length }));

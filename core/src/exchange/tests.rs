@@ -297,9 +297,16 @@ struct Probe {
     exchange: Exchange,
     choking: std::collections::BTreeMap<u64, bool>,
     requests: Vec<(ConnId, PieceIndex, u32, u32)>,
+    /// Session ends and announcements sent, in order.
+    sent: Vec<(ConnId, ExchangeMessage)>,
 }
 
 impl Probe {
+    fn new(config: ExchangeConfig, seed: u8) -> Self {
+        let exchange = Exchange::new(config, [seed; 32]);
+        Self { exchange, choking: Default::default(), requests: Vec::new(), sent: Vec::new() }
+    }
+
     fn input(&mut self, now: Instant, input: ExchangeInput) {
         self.exchange.handle_input(now, input);
         self.drain();
@@ -314,6 +321,10 @@ impl Probe {
                     ExchangeMessage::Request { piece, offset, length, .. } => {
                         self.requests.push((conn, piece, offset, length));
                     }
+                    message @ (ExchangeMessage::Leave { .. }
+                    | ExchangeMessage::HaveAll { .. }
+                    | ExchangeMessage::HaveNone { .. }
+                    | ExchangeMessage::Bitfield { .. }) => self.sent.push((conn, message)),
                     _ => {}
                 }
             }
@@ -332,11 +343,8 @@ fn rechoke_rewards_the_fastest_uploaders() {
     let (data, content, manifest) = test_file(64, 4);
     let layout = content.layout;
     let file = content.file_id;
-    let mut probe = Probe {
-        exchange: Exchange::new(ExchangeConfig::default(), [7; 32]),
-        choking: Default::default(),
-        requests: Vec::new(),
-    };
+    let config = ExchangeConfig { upload_slots: 4, ..ExchangeConfig::default() };
+    let mut probe = Probe::new(config, 7);
     let t0 = Instant::ZERO;
     probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
     for peer in 1..=6u64 {
@@ -373,15 +381,15 @@ fn rechoke_rewards_the_fastest_uploaders() {
     assert!(unchoked.contains(&1) ^ unchoked.contains(&2), "one optimistic slot among the slowest: {unchoked:?}");
 }
 
-/// A peer that loses interest (it completed) frees its upload slot at
-/// once: a waiting peer is unchoked without waiting for the rechoke.
+/// A peer that loses interest (it completed) gives its upload slot to a
+/// waiting peer at once, without waiting for the rechoke; its renewed
+/// interest waits for a slot like anyone's.
 #[test]
 fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
     let (_, content, manifest) = test_file(64, 4);
     let file = content.file_id;
     let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
-    let mut probe =
-        Probe { exchange: Exchange::new(config, [8; 32]), choking: Default::default(), requests: Vec::new() };
+    let mut probe = Probe::new(config, 8);
     let t0 = Instant::ZERO;
     probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
     for peer in 1..=3u64 {
@@ -393,12 +401,84 @@ fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
     let t1 = t0 + Duration::from_secs(1);
     probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::NotInterested { file } });
     let unchoked = probe.unchoked();
-    assert_eq!(unchoked.len(), 2, "peer 1 keeps its unchoke, a waiting peer gets the slot: {unchoked:?}");
+    assert_eq!(unchoked.len(), 1, "peer 1 is choked, a waiting peer gets the slot: {unchoked:?}");
     assert!(unchoked.contains(&2) ^ unchoked.contains(&3), "{unchoked:?}");
-    assert!(probe.exchange.poll_timeout().is_some_and(|t| t > t1), "no rechoke was due");
     // Renewed interest does not take a slot that is in use.
     probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::Interested { file } });
-    assert_eq!(probe.unchoked().len(), 2);
+    assert_eq!(probe.unchoked(), unchoked, "the slot stays with the interested peer");
+}
+
+/// Sessions we open count against the upload slots like those peers
+/// open: interest comes after the session, and the slots still bound
+/// who is served. Nobody waiting, a peer that loses interest keeps its
+/// slot (no choke round trip when it wants something again); a newcomer
+/// takes such a slot at once.
+#[test]
+fn upload_slots_bound_the_peers_served_whoever_opened() {
+    let (_, content, manifest) = test_file(64, 4);
+    let file = content.file_id;
+    let config = ExchangeConfig { upload_slots: 2, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
+    let mut probe = Probe::new(config, 9);
+    let t0 = Instant::ZERO;
+    let hashes = content.piece_hashes.clone();
+    probe.input(t0, ExchangeInput::Seed { manifest, piece_hashes: hashes });
+    for peer in 1..=4u64 {
+        let conn = ConnId(peer);
+        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        probe.input(t0, ExchangeInput::Open { conn, file });
+    }
+    assert!(probe.unchoked().is_empty(), "nobody is unchoked before it is interested");
+    for peer in 1..=3u64 {
+        let conn = ConnId(peer);
+        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::HaveNone { file } });
+        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+    }
+    assert_eq!(probe.unchoked(), vec![1, 2], "two slots, two peers served");
+    // Peer 3 waits: peer 1 losing interest hands its slot over at once.
+    probe.input(t0, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::NotInterested { file } });
+    assert_eq!(probe.unchoked(), vec![2, 3]);
+    // Nobody waits: peer 2 losing interest keeps its slot...
+    probe.input(t0, ExchangeInput::Message { conn: ConnId(2), message: ExchangeMessage::NotInterested { file } });
+    assert_eq!(probe.unchoked(), vec![2, 3]);
+    // ...until peer 4 wants one.
+    probe.input(t0, ExchangeInput::Message { conn: ConnId(4), message: ExchangeMessage::HaveNone { file } });
+    probe.input(t0, ExchangeInput::Message { conn: ConnId(4), message: ExchangeMessage::Interested { file } });
+    assert_eq!(probe.unchoked(), vec![3, 4]);
+}
+
+/// An unchoked peer that asks for nothing for a whole
+/// `idle_slot_interval` gives its slot to a peer waiting for one.
+#[test]
+fn an_idle_upload_slot_goes_to_a_waiting_peer() {
+    let (_, content, manifest) = test_file(64, 4);
+    let file = content.file_id;
+    let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
+    let interval = config.idle_slot_interval;
+    let mut probe = Probe::new(config, 10);
+    let t0 = Instant::ZERO;
+    let hashes = content.piece_hashes.clone();
+    probe.input(t0, ExchangeInput::Seed { manifest, piece_hashes: hashes });
+    for peer in 1..=2u64 {
+        let conn = ConnId(peer);
+        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::HaveNone { file } });
+        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+    }
+    assert_eq!(probe.unchoked(), vec![1]);
+    // The first check finds peer 1 unchoked for part of the interval
+    // only; it requests during the second: it keeps the slot.
+    probe.exchange.handle_timeout(t0 + interval);
+    probe.drain();
+    let request = ExchangeMessage::Request { file, piece: PieceIndex(0), offset: 0, length: 16 * 1024 };
+    probe.input(t0 + interval * 3 / 2, ExchangeInput::Message { conn: ConnId(1), message: request });
+    probe.exchange.handle_timeout(t0 + interval * 2);
+    probe.drain();
+    assert_eq!(probe.unchoked(), vec![1], "a request in the last interval kept the slot");
+    // A whole interval without a request: the slot moves to peer 2.
+    probe.exchange.handle_timeout(t0 + interval * 3);
+    probe.drain();
+    assert_eq!(probe.unchoked(), vec![2]);
+    assert_eq!(probe.exchange.stats().idle_slots_reassigned, 1);
 }
 
 /// A manifest without hashes: leechers fetch them in proven batches (from
@@ -433,7 +513,6 @@ fn piece_hashes_are_fetched_with_proofs_and_forgeries_rejected() {
     eprintln!("hash fetch: forger caught by {forgeries} peers");
 }
 
-/// Super seeding: the seed serves every piece once before it serves any
 /// piece a second time, and the swarm still completes.
 #[test]
 fn a_super_seed_serves_each_piece_once_before_any_twice() {
@@ -456,4 +535,84 @@ fn a_super_seed_serves_each_piece_once_before_any_twice() {
     }
     assert_eq!(seen.len(), 64, "every piece came from the seed once");
     eprintln!("super seed: served {} piece starts for 64 pieces to 8 leechers", starts.len());
+}
+
+/// A node with no room for another peer of a file says so with a `Leave`
+/// (a silent refusal left the opener waiting forever on a session nobody
+/// serves: a 100-peer swarm had a download stuck at 0 pieces); the
+/// opener drops its side, and a `Leave` is never answered.
+#[test]
+fn a_full_swarm_refuses_a_session_with_leave() {
+    let (_, content, manifest) = test_file(64, 4);
+    let file = content.file_id;
+    let config = ExchangeConfig { peers_per_file_max: 1, ..ExchangeConfig::default() };
+    let mut seed = Probe::new(config, 11);
+    let t0 = Instant::ZERO;
+    seed.input(t0, ExchangeInput::Seed { manifest: manifest.clone(), piece_hashes: content.piece_hashes.clone() });
+    for peer in 1..=2u64 {
+        seed.input(t0, ExchangeInput::PeerConnected { conn: ConnId(peer), node: node_id(peer as usize) });
+        seed.input(t0, ExchangeInput::Message { conn: ConnId(peer), message: ExchangeMessage::HaveNone { file } });
+    }
+    assert_eq!(seed.exchange.peer_count(&file), 1);
+    assert_eq!(
+        seed.sent,
+        vec![(ConnId(1), ExchangeMessage::HaveAll { file }), (ConnId(2), ExchangeMessage::Leave { file })],
+        "the first peer is served, the second told there is no room"
+    );
+    // The refused side: it opened a session, gets the `Leave`, drops it.
+    let mut leecher = Probe::new(ExchangeConfig::default(), 12);
+    leecher.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
+    leecher.input(t0, ExchangeInput::PeerConnected { conn: ConnId(0), node: node_id(0) });
+    leecher.input(t0, ExchangeInput::Open { conn: ConnId(0), file });
+    assert_eq!(leecher.exchange.peer_count(&file), 1);
+    leecher.input(t0, ExchangeInput::Message { conn: ConnId(0), message: ExchangeMessage::Leave { file } });
+    assert_eq!(leecher.exchange.peer_count(&file), 0, "the refused session is gone: the node looks elsewhere");
+    // A late `Leave` for a session nobody holds opens nothing, answers nothing.
+    let before = seed.sent.len();
+    seed.input(t0, ExchangeInput::Message { conn: ConnId(2), message: ExchangeMessage::Leave { file } });
+    assert_eq!(seed.sent.len(), before);
+    assert_eq!(seed.exchange.peer_count(&file), 1);
+}
+
+/// Two peers holding every piece trade nothing: the session ends on both
+/// sides (libtorrent's `close_redundant_connections`), freeing peer slots
+/// for peers still downloading; whoever completes second says so.
+#[test]
+fn sessions_between_complete_peers_end() {
+    let (data, content, manifest) = test_file(4, 5);
+    let file = content.file_id;
+    let layout = content.layout;
+    let t0 = Instant::ZERO;
+    // A seed meeting a seed leaves at once.
+    let mut seed = Probe::new(ExchangeConfig::default(), 13);
+    seed.input(t0, ExchangeInput::Seed { manifest: manifest.clone(), piece_hashes: content.piece_hashes.clone() });
+    seed.input(t0, ExchangeInput::PeerConnected { conn: ConnId(1), node: node_id(1) });
+    seed.input(t0, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::HaveAll { file } });
+    assert_eq!(seed.sent.last(), Some(&(ConnId(1), ExchangeMessage::Leave { file })));
+    assert_eq!(seed.exchange.peer_count(&file), 0);
+    // A leecher fed by a seed leaves the seed when it completes, and keeps
+    // its session with a peer still downloading.
+    let mut leecher = Probe::new(ExchangeConfig::default(), 14);
+    leecher.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
+    for (conn, announcement) in [(0, ExchangeMessage::HaveAll { file }), (2, ExchangeMessage::HaveNone { file })] {
+        leecher.input(t0, ExchangeInput::PeerConnected { conn: ConnId(conn), node: node_id(conn as usize) });
+        leecher.input(t0, ExchangeInput::Message { conn: ConnId(conn), message: announcement });
+    }
+    leecher.input(t0, ExchangeInput::Message { conn: ConnId(0), message: ExchangeMessage::Unchoke { file } });
+    for _ in 0..16 {
+        let requests = std::mem::take(&mut leecher.requests);
+        if requests.is_empty() {
+            break;
+        }
+        for (conn, piece, offset, length) in requests {
+            let start = layout.piece_offset(piece) as usize + offset as usize;
+            let block = Bytes::copy_from_slice(&data[start..start + length as usize]);
+            let message = ExchangeMessage::Block { file, piece, offset, data: block };
+            leecher.input(t0, ExchangeInput::Message { conn, message });
+        }
+    }
+    assert!(leecher.exchange.is_complete(&file));
+    assert!(leecher.sent.contains(&(ConnId(0), ExchangeMessage::Leave { file })), "left the seed");
+    assert!(!leecher.sent.contains(&(ConnId(2), ExchangeMessage::Leave { file })), "kept the downloader");
+    assert_eq!(leecher.exchange.peer_count(&file), 1);
 }

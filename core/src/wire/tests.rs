@@ -121,6 +121,7 @@ fn arb_exchange() -> impl Strategy<Value = ExchangeMessage> {
         (arb_file(), vec(any::<u8>(), 0..64)).prop_map(|(file, bits)| ExchangeMessage::Bitfield { file, bits }),
         arb_file().prop_map(|file| ExchangeMessage::HaveAll { file }),
         arb_file().prop_map(|file| ExchangeMessage::HaveNone { file }),
+        arb_file().prop_map(|file| ExchangeMessage::Leave { file }),
         (arb_file(), arb_piece()).prop_map(|(file, piece)| ExchangeMessage::Have { file, piece }),
         span().prop_map(|(file, piece, offset, length)| ExchangeMessage::Request { file, piece, offset, length }),
         (arb_file(), arb_piece(), any::<u32>(), vec(any::<u8>(), 0..(BLOCK_BYTES as usize + 1))).prop_map(
