@@ -137,30 +137,54 @@ fn a_failed_expectation_exits_one_and_bad_input_exits_two_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// A scarce seed: sequential selection is slowest (every peer wants the
-/// same next piece), and super seeding brings the swarm within 15% of the
-/// Kumar-Ross bound by sending each piece once, where plain rarest-first
-/// loses seed upload to peers picking the same unspread pieces at once.
-/// Rarest-first and random are printed, not compared: in this fully
-/// meshed swarm they finish within 1% of each other (see the catalog file).
+/// The classic result (catalog `slow-seed`): a seed no faster than its
+/// peers, four upload slots per peer, 50 peers. Rarest-first finishes
+/// sooner than random at every seed tried, because random spends the
+/// seed's upload on pieces other peers already hold; sequential selection
+/// is far slower (every peer wants the same next piece).
 #[test]
-fn slow_seed_policies_compare() {
+fn slow_seed_rarest_first_beats_random() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |set: &str| {
-        let out = shoal_sim(&["run", "slow-seed", "--json", "--set", set], dir.path());
+    let last = |seed: &str, set: &str| {
+        let out = shoal_sim(&["run", "slow-seed", "--json", "--seed", seed, "--set", set], dir.path());
         assert!(out.status.success(), "{set}: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        summary["downloads"]["completion_s"]["max"].as_f64().unwrap()
+    };
+    for seed in ["1", "2", "3", "4"] {
+        let rarest = last(seed, "protocol.picker=rarest-first");
+        let random = last(seed, "protocol.picker=random");
+        eprintln!("slow-seed seed {seed}: last completion rarest-first {rarest:.2} s, random {random:.2} s");
+        assert!(rarest < random, "seed {seed}: rarest-first {rarest} s vs random {random} s");
+        if seed == "1" {
+            let sequential = last(seed, "protocol.picker=sequential");
+            assert!(sequential > random, "sequential {sequential} s vs random {random} s");
+        }
+    }
+}
+
+/// Super seeding (the seed reveals each piece to one peer) in a small,
+/// fast, fully unchoked swarm: plain rarest-first loses seed upload to
+/// peers picking the same unspread pieces at once; super seeding sends
+/// each piece once and comes within 15% of the Kumar-Ross bound.
+#[test]
+fn super_seeding_brings_a_fast_swarm_near_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast_swarm =
+        ["hosts.peers.count=20", "hosts.peers.uplink=2 MB/s", "files.0.piece_size=16 KiB", "protocol.upload_slots=8"];
+    let run = |extra: &str| {
+        let mut args = vec!["run", "slow-seed", "--json", "--set", extra];
+        for set in &fast_swarm {
+            args.extend(["--set", set]);
+        }
+        let out = shoal_sim(&args, dir.path());
+        assert!(out.status.success(), "{extra}: {}", String::from_utf8_lossy(&out.stderr));
         let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
         (summary["downloads"]["completion_s"]["max"].as_f64().unwrap(), summary["lower_bound_s"].as_f64().unwrap())
     };
     let (rarest, bound) = run("protocol.picker=rarest-first");
-    let (random, _) = run("protocol.picker=random");
-    let (sequential, _) = run("protocol.picker=sequential");
     let (superseed, _) = run("protocol.super_seeding=true");
-    eprintln!(
-        "slow-seed (bound {bound:.2} s) last completion: rarest-first {rarest:.2} s, random {random:.2} s, \
-         sequential {sequential:.2} s, super seeding {superseed:.2} s"
-    );
-    assert!(sequential > rarest.max(random), "sequential {sequential} vs {rarest} / {random}");
+    eprintln!("fast swarm (bound {bound:.2} s): rarest-first {rarest:.2} s, super seeding {superseed:.2} s");
     assert!(superseed <= 1.15 * bound, "super seeding {superseed} vs bound {bound}");
     assert!(superseed < rarest, "super seeding {superseed} vs plain rarest-first {rarest}");
 }

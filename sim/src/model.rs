@@ -396,6 +396,9 @@ pub struct ProtocolOverrides {
     /// Regular upload slots per file.
     #[serde(default)]
     pub upload_slots: Option<u32>,
+    /// Peers one node exchanges a file with (its view of the swarm).
+    #[serde(default)]
+    pub peers_per_file: Option<u16>,
     /// Seeds reveal pieces one at a time.
     #[serde(default)]
     pub super_seeding: Option<bool>,
@@ -421,6 +424,9 @@ impl ProtocolOverrides {
         }
         if let Some(slots) = self.upload_slots {
             config.exchange.upload_slots = slots;
+        }
+        if let Some(peers) = self.peers_per_file {
+            config.exchange.peers_per_file_max = peers;
         }
         if let Some(on) = self.super_seeding {
             config.exchange.super_seeding = on;
