@@ -498,7 +498,7 @@ impl Download {
     }
 
     fn endgame_block(&self, slot: PeerSlot) -> Option<BlockRef> {
-        if self.picker.free() > 0 || self.partials.values().any(|p| p.free > 0) {
+        if self.picker.free() > 0 || self.partials.values().any(|p| p.free > 0) || self.inflight(slot) > 0 {
             return None;
         }
         let max = self.config.endgame_requests_per_block_max;
@@ -586,17 +586,19 @@ impl Download {
         let Some(peer) = self.peers.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else {
             return Err(BlockError::Unsolicited);
         };
-        let Some(deadline) = peer.inflight.remove(&block) else {
-            return if peer.cancelled.remove(&block) {
-                Err(BlockError::Duplicate)
-            } else {
-                Err(BlockError::Unsolicited)
-            };
-        };
-        peer.snubbed = false;
         let length = self.layout.block_len(block.piece, block.block);
-        peer.rate.record(now, u64::from(length));
-        self.deadlines.remove(&(deadline, slot, block));
+        if let Some(deadline) = peer.inflight.remove(&block) {
+            peer.snubbed = false;
+            peer.rate.record(now, u64::from(length));
+            self.deadlines.remove(&(deadline, slot, block));
+        } else if peer.cancelled.remove(&block) {
+            // A request we dropped (a choke, a cancel, a reject) was served
+            // anyway: the bytes are as good as any while the block is still
+            // missing (the piece hash vouches for them), and waste if not.
+            peer.rate.record(now, u64::from(length));
+        } else {
+            return Err(BlockError::Unsolicited);
+        }
         let Some(partial) = self.partials.get_mut(&block.piece) else {
             return Err(BlockError::Duplicate); // the piece completed meanwhile
         };
@@ -623,7 +625,8 @@ impl Download {
     }
 
     /// Drop a request we are cancelling; remember it so its block, should
-    /// it still arrive, counts as wasted rather than unsolicited.
+    /// it still arrive, is taken if still missing and counts as waste if
+    /// not, rather than as unsolicited.
     fn forget_request(&mut self, slot: PeerSlot, block: BlockRef) {
         let max = self.config.requests_inflight_per_peer_max as usize;
         if let Some(peer) = self.peers.get_mut(usize::from(slot.0)).and_then(Option::as_mut)

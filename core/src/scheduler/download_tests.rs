@@ -65,7 +65,7 @@ fn a_peer_finishes_the_pieces_it_started() {
 }
 
 #[test]
-fn blocks_nobody_asked_for_are_rejected_and_late_ones_are_wasted() {
+fn blocks_nobody_asked_for_are_rejected_and_late_ones_are_taken() {
     let mut d = download(DownloadConfig::default());
     seed(&mut d, A);
     let requests = d.next_requests(A, t(0));
@@ -75,10 +75,12 @@ fn blocks_nobody_asked_for_are_rejected_and_late_ones_are_wasted() {
     let never = BlockRef { piece: untouched, block: 3 };
     assert_eq!(d.on_block(A, never, t(1)), Err(BlockError::Unsolicited));
     assert_eq!(d.on_block(B, requests[0], t(1)), Err(BlockError::Unsolicited), "unknown peer");
-    // A choke drops the requests; a block crossing it on the wire is waste.
+    // A choke drops the requests; a block crossing it on the wire is taken
+    // while still missing, once.
     d.set_choked(A, true);
     assert_eq!(d.inflight(A), 0);
-    assert_eq!(d.on_block(A, requests[0], t(2)), Err(BlockError::Duplicate));
+    assert!(d.on_block(A, requests[0], t(2)).is_ok());
+    assert_eq!(d.on_block(A, requests[0], t(3)), Err(BlockError::Unsolicited));
 }
 
 #[test]
@@ -120,8 +122,11 @@ fn timeouts_free_blocks_for_others_and_snub_the_peer() {
     seed(&mut d, B);
     let taken = d.next_requests(B, deadline);
     assert!(taken.contains(&requests[0]), "B takes over the orphaned blocks: {taken:?}");
-    // A's late block is waste, not a violation.
-    assert_eq!(d.on_block(A, requests[0], deadline), Err(BlockError::Duplicate));
+    // A's late block is no violation: still missing, it is taken, and B's
+    // request for it is cancelled; B's copy is then waste.
+    let accepted = d.on_block(A, requests[0], deadline).unwrap();
+    assert_eq!(accepted.cancels, vec![(B, requests[0])]);
+    assert_eq!(d.on_block(B, requests[0], deadline), Err(BlockError::Duplicate));
 }
 
 #[test]
@@ -279,8 +284,8 @@ fn a_choking_owner_gives_up_its_pieces() {
 /// Requests carry no id: a block asked for, dropped by a choke, and asked
 /// for again after the unchoke may come twice (the peer served the first
 /// request before it saw its own choke). The second copy is waste, not a
-/// protocol violation; likewise after a reject that answered the older
-/// request while the newer one is served.
+/// protocol violation; after a reject that answered the older request
+/// while the newer one is served, the block is still taken.
 #[test]
 fn a_block_asked_twice_across_a_choke_may_come_twice() {
     let mut d = download(DownloadConfig::default());
@@ -300,5 +305,6 @@ fn a_block_asked_twice_across_a_choke_may_come_twice() {
     let third = d.next_requests(A, t(30));
     assert!(third.contains(&other));
     assert!(d.on_reject(A, other));
-    assert_eq!(d.on_block(A, other, t(40)).unwrap_err(), BlockError::Duplicate);
+    assert!(d.on_block(A, other, t(40)).is_ok(), "a dropped request's block is taken while missing");
+    assert_eq!(d.on_block(A, other, t(41)).unwrap_err(), BlockError::Unsolicited, "once only");
 }
