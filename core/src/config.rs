@@ -139,4 +139,17 @@ mod tests {
         let tiny = Config { frame_bytes_max: 1024, ..Config::default() };
         assert!(tiny.validate().is_err());
     }
+
+    #[test]
+    fn zero_choker_intervals_are_rejected_by_name() {
+        for field in ["rechoke_interval", "idle_slot_interval"] {
+            let mut config = Config::default();
+            match field {
+                "rechoke_interval" => config.exchange.rechoke_interval = std::time::Duration::ZERO,
+                _ => config.exchange.idle_slot_interval = std::time::Duration::ZERO,
+            }
+            let error = config.validate().unwrap_err();
+            assert!(matches!(error, ConfigError::OutOfRange { field: f, .. } if f == field), "{field}: {error:?}");
+        }
+    }
 }

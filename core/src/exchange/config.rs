@@ -100,17 +100,11 @@ impl ExchangeConfig {
             d.unverified_bytes_max,
             "must hold the largest piece (16 MiB)",
         )?;
-        check(
-            !self.rechoke_interval.is_zero(),
-            "rechoke_interval",
-            self.rechoke_interval.as_secs(),
-            "must be positive",
-        )?;
-        check(
-            !self.idle_slot_interval.is_zero(),
-            "idle_slot_interval",
-            self.idle_slot_interval.as_secs(),
-            "must be positive",
-        )
+        for (field, interval) in
+            [("rechoke_interval", self.rechoke_interval), ("idle_slot_interval", self.idle_slot_interval)]
+        {
+            check(!interval.is_zero(), field, interval.as_secs(), "must be positive")?;
+        }
+        Ok(())
     }
 }
