@@ -13,7 +13,9 @@
 //!   `idle_timeout` without a frame closes it, so a silently partitioned
 //!   link does not hang) and a **writer** (frames from its own queue, a
 //!   keepalive every `keepalive_interval` when idle, the upload limit).
-//!   A peer whose queue is full is too slow and is disconnected.
+//!   The queue ([`crate::outbox`]) has two lanes: control, DHT and gossip
+//!   frames are written before queued exchange frames (blocks), each lane
+//!   in order. A peer whose queue is full is too slow and is disconnected.
 //!
 //! On start the driver serves every complete file of the store and resumes
 //! every partial one from the pieces it holds, so a restarted node keeps
@@ -47,6 +49,7 @@ use crate::control::{CommandError, FileState, FileView, LookupLine, NodeStatus, 
 use crate::framing::{FrameReader, FrameWriter, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
+use crate::outbox::{OutboxReceiver, OutboxSender, TryRecv, outbox};
 use crate::ratelimit::TokenBucket;
 use crate::store::{FileStatus, PieceWrite, Store, StoreError};
 use crate::transport::{Listener, Transport};
@@ -71,8 +74,8 @@ pub struct DriverConfig {
     /// A reader closes the connection after this long without a frame
     /// (three keepalives lost).
     pub idle_timeout: Duration,
-    /// Frames queued for one connection's writer; a full queue means the
-    /// peer is too slow and it is disconnected.
+    /// Frames queued for one connection's writer, both lanes together; a
+    /// full queue means the peer is too slow and it is disconnected.
     pub conn_queue_frames_max: usize,
     /// Frames from all connections queued for the loop (backpressure:
     /// readers wait).
@@ -352,24 +355,10 @@ impl Traffic {
 }
 
 enum NetEvent {
-    Connected {
-        conn: ConnId,
-        peer: PeerInfo,
-        remote: SocketAddr,
-        dialed: Option<SocketAddr>,
-        writer: mpsc::Sender<Message>,
-        blocks: Arc<std::sync::Mutex<BlockQueue>>,
-    },
-    DialFailed {
-        addr: SocketAddr,
-    },
-    Frame {
-        conn: ConnId,
-        message: Message,
-    },
-    Closed {
-        conn: ConnId,
-    },
+    Connected { conn: ConnId, peer: PeerInfo, remote: SocketAddr, dialed: Option<SocketAddr>, writer: OutboxSender },
+    DialFailed { addr: SocketAddr },
+    Frame { conn: ConnId, message: Message },
+    Closed { conn: ConnId },
 }
 
 /// Shared by the loop and the connection tasks.
@@ -492,7 +481,7 @@ impl<T: Transport> Driver<T> {
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
                     match event {
-                        NetEvent::Connected { conn, peer, remote, dialed, writer, blocks } => {
+                        NetEvent::Connected { conn, peer, remote, dialed, writer } => {
                             if dialed.is_some() {
                                 dialing = dialing.saturating_sub(1);
                             }
@@ -504,7 +493,6 @@ impl<T: Transport> Driver<T> {
                             let addr = peer.listen_addr.unwrap_or(remote);
                             let entry = ConnEntry {
                                 writer,
-                                blocks,
                                 node: peer.node,
                                 addr,
                                 outbound: dialed.is_some(),
@@ -521,7 +509,7 @@ impl<T: Transport> Driver<T> {
                         NetEvent::Frame { conn, message } => {
                             if let Message::Exchange(ExchangeMessage::Cancel { file, piece, offset, .. }) = &message
                                 && let Some(entry) = conns.get(&conn)
-                                && entry.blocks.lock().is_ok_and(|mut queue| queue.cancel((*file, *piece, *offset)))
+                                && entry.writer.cancel(*file, *piece, *offset)
                             {
                                 counters.blocks_cancelled += 1;
                             }
@@ -580,11 +568,6 @@ impl<T: Transport> Driver<T> {
                     NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                         match store.read_block(&file, piece, offset, length) {
                             Ok(data) => {
-                                if let Some(entry) = conns.get(&conn)
-                                    && let Ok(mut queue) = entry.blocks.lock()
-                                {
-                                    queue.push((file, piece, offset));
-                                }
                                 let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
                                 send(&mut conns, &mut node, &mut counters, now, conn, message);
                             }
@@ -660,35 +643,6 @@ impl<T: Transport> Driver<T> {
         }
         let _ = writer.await;
         (counters, store)
-    }
-}
-
-/// A block in a writer's queue: file, piece, offset.
-type BlockKey = (FileId, PieceIndex, u32);
-
-/// The blocks queued on one connection's writer, shared by the loop (which
-/// queues them and hears the peer's cancels) and the writer (which takes
-/// them), so a `Cancel` takes back a block not yet written (BEP 3). At
-/// most one entry per queued frame (`conn_queue_frames_max`).
-#[derive(Debug, Default)]
-struct BlockQueue {
-    /// Queued blocks, and whether the peer cancelled each.
-    queued: BTreeMap<BlockKey, bool>,
-}
-
-impl BlockQueue {
-    fn push(&mut self, block: BlockKey) {
-        self.queued.insert(block, false);
-    }
-
-    /// The peer cancelled `block`: whether it was still queued.
-    fn cancel(&mut self, block: BlockKey) -> bool {
-        self.queued.get_mut(&block).map(|cancelled| *cancelled = true).is_some()
-    }
-
-    /// The writer took `block` from its queue: whether to send it.
-    fn take(&mut self, block: BlockKey) -> bool {
-        self.queued.remove(&block) != Some(true)
     }
 }
 
@@ -784,9 +738,9 @@ async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<W
 
 /// One open connection, as the loop knows it.
 struct ConnEntry {
-    writer: mpsc::Sender<Message>,
-    /// Blocks in the writer's queue, shared with it.
-    blocks: Arc<std::sync::Mutex<BlockQueue>>,
+    /// The writer's queue (a `Cancel` from the peer takes back a block
+    /// still in it).
+    writer: OutboxSender,
     node: NodeId,
     addr: SocketAddr,
     outbound: bool,
@@ -1198,7 +1152,7 @@ fn send(
     message: Message,
 ) {
     let Some(entry) = conns.get(&conn) else { return };
-    if let Err(mpsc::error::TrySendError::Full(_)) = entry.writer.try_send(message) {
+    if entry.writer.try_send(message).is_err() {
         counters.slow_peers += 1;
         conns.remove(&conn);
         node.handle_input(now, NodeInput::Disconnected { conn });
@@ -1257,13 +1211,12 @@ async fn connection<T: Transport>(
         }
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (tx, rx) = mpsc::channel(shared.config.conn_queue_frames_max);
-    let blocks = Arc::new(std::sync::Mutex::new(BlockQueue::default()));
-    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx, blocks: blocks.clone() };
+    let (tx, rx) = outbox(shared.config.conn_queue_frames_max);
+    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx };
     if shared.net.send(connected).await.is_err() {
         return; // the driver stopped
     }
-    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx, blocks));
+    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
     let limited = shared.config.max_download_bytes_per_s.is_some();
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
@@ -1338,21 +1291,16 @@ where
 /// Frames go through a [`FrameWriter`] of `write_buffer_bytes` and out in
 /// one write when the queue runs dry (or the buffer fills): a busy
 /// connection sends many frames per system call, an idle one sends each at
-/// once.
-async fn write_loop<T: Transport>(
-    shared: Arc<Shared<T>>,
-    writer: T::Writer,
-    mut rx: mpsc::Receiver<Message>,
-    blocks: Arc<std::sync::Mutex<BlockQueue>>,
-) {
+/// once. The queue hands out its control lane first ([`crate::outbox`]).
+async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, rx: OutboxReceiver) {
     let max = shared.config.frame_bytes_max;
     let limited = shared.config.max_upload_bytes_per_s.is_some();
     let mut writer = FrameWriter::new(writer, shared.config.write_buffer_bytes);
     loop {
         let message = match rx.try_recv() {
-            Ok(message) => message,
-            Err(mpsc::error::TryRecvError::Disconnected) => break, // the loop dropped us
-            Err(mpsc::error::TryRecvError::Empty) => {
+            TryRecv::Frame(message) => message,
+            TryRecv::Closed => break, // the loop dropped us
+            TryRecv::Empty => {
                 if writer.flush().await.is_err() {
                     break;
                 }
@@ -1366,12 +1314,6 @@ async fn write_loop<T: Transport>(
                 }
             }
         };
-        if let Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. }) = &message
-            && let Ok(mut queue) = blocks.lock()
-            && !queue.take((*file, *piece, *offset))
-        {
-            continue; // cancelled while queued
-        }
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = writer.send(&message, max).await else { break };
         Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
@@ -1391,22 +1333,4 @@ async fn write_loop<T: Transport>(
         }
     }
     let _ = writer.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cancel_takes_back_only_a_queued_block() {
-        let mut queue = BlockQueue::default();
-        let (a, b) = ((FileId([1; 32]), PieceIndex(0), 0), (FileId([1; 32]), PieceIndex(0), 16384));
-        queue.push(a);
-        queue.push(b);
-        assert!(queue.cancel(b));
-        assert!(queue.take(a), "not cancelled: sent");
-        assert!(!queue.take(b), "cancelled while queued: dropped");
-        assert!(!queue.cancel(a), "already written: nothing to take back");
-        assert!(queue.queued.is_empty());
-    }
 }
