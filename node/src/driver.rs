@@ -17,6 +17,12 @@
 //!   frames are written before queued exchange frames (blocks), each lane
 //!   in order. A peer whose queue is full is too slow and is disconnected.
 //!
+//! Complete pieces are hashed where the transport says
+//! ([`Transport::piece_hashing`]): on one worker thread for the daemon (at
+//! most `pieces_hashing_max` handed to it, the loop waits for an answer
+//! beyond), inline under turmoil. A piece being hashed when the driver
+//! stops is lost, as a piece still being received is.
+//!
 //! On start the driver serves every complete file of the store and resumes
 //! every partial one from the pieces it holds, so a restarted node keeps
 //! its verified pieces.
@@ -35,7 +41,7 @@ use std::time::Duration;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use shoal_core::content::{BLOCK_BYTES, PieceHash};
-use shoal_core::exchange::{ServeBlock, StorePiece};
+use shoal_core::exchange::{PieceHashed, ServeBlock, StorePiece, VerifyPiece};
 use shoal_core::ids::{ConnId, FileId, NodeId, PieceIndex};
 use shoal_core::kad::QueryId;
 use shoal_core::manifest::FileManifest;
@@ -52,7 +58,7 @@ use crate::identity::Identity;
 use crate::outbox::{OutboxReceiver, OutboxSender, TryRecv, outbox};
 use crate::ratelimit::TokenBucket;
 use crate::store::{FileStatus, PieceWrite, Store, StoreError};
-use crate::transport::{Listener, Transport};
+use crate::transport::{Listener, PieceHashing, Transport};
 
 /// Driver limits and timings.
 #[derive(Clone, Debug)]
@@ -87,6 +93,11 @@ pub struct DriverConfig {
     pub store_writes_queued_max: usize,
     /// Bytes of those pieces (held in memory until durable).
     pub store_writes_queued_bytes_max: usize,
+    /// Complete pieces handed to the hashing worker and not yet answered;
+    /// at the limit the loop waits for an answer. (Their bytes are the
+    /// node's, counted in its unverified bytes: this bounds the worker's
+    /// queue, not memory.)
+    pub pieces_hashing_max: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
@@ -120,6 +131,7 @@ impl DriverConfig {
             write_buffer_bytes: 128 * 1024,
             store_writes_queued_max: 4096,
             store_writes_queued_bytes_max: 32 << 20,
+            pieces_hashing_max: 64,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
@@ -465,6 +477,13 @@ impl<T: Transport> Driver<T> {
         let (write_done_tx, mut write_done) = mpsc::channel(writes_max);
         let writer = tokio::spawn(write_pieces(write_rx, write_done_tx));
         let mut writes = Writes::default();
+        let hashing = shared.transport.piece_hashing();
+        let hashes_max = shared.config.pieces_hashing_max.max(1);
+        let (hash_jobs, hash_rx) = mpsc::channel(hashes_max);
+        let (hashed_tx, mut hashed) = mpsc::channel(hashes_max);
+        let hasher = (hashing == PieceHashing::Worker)
+            .then(|| tokio::task::spawn_blocking(move || hash_pieces(hash_rx, hashed_tx)));
+        let mut hashes_pending = 0usize;
         loop {
             let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
             let sleep = async {
@@ -477,6 +496,10 @@ impl<T: Transport> Driver<T> {
                 biased;
                 Some(done) = write_done.recv(), if writes.total > 0 => {
                     writes.finish(&mut store, &mut counters, &shared.stored, done);
+                }
+                Some(answer) = hashed.recv(), if hashes_pending > 0 => {
+                    hashes_pending -= 1;
+                    node.handle_input(since(shared.epoch), NodeInput::PieceHashed(answer));
                 }
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
@@ -575,6 +598,25 @@ impl<T: Transport> Driver<T> {
                         }
                         node.handle_input(now, NodeInput::BlockSent { conn, file });
                     }
+                    NodeOutput::VerifyPiece(job) => {
+                        let job = match hashing {
+                            PieceHashing::Inline => Err(job),
+                            PieceHashing::Worker => {
+                                // At the limit, wait for the worker (backpressure).
+                                while hashes_pending >= hashes_max {
+                                    let Some(answer) = hashed.recv().await else { break };
+                                    hashes_pending -= 1;
+                                    node.handle_input(now, NodeInput::PieceHashed(answer));
+                                }
+                                hash_jobs.try_send(job).map_err(mpsc::error::TrySendError::into_inner)
+                            }
+                        };
+                        match job {
+                            Ok(()) => hashes_pending += 1,
+                            // Inline, or the worker is gone: hash here.
+                            Err(job) => node.handle_input(now, NodeInput::PieceHashed(job.hash())),
+                        }
+                    }
                     NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                         if store.manifest(&file).is_none()
                             && let Some(manifest) = control.awaiting_hashes.remove(&file)
@@ -635,6 +677,10 @@ impl<T: Transport> Driver<T> {
             shared.traffic.gossip_duplicates.store(node.gossip().counters().duplicates, Ordering::Relaxed);
         }
         accept.abort();
+        drop(hash_jobs);
+        if let Some(hasher) = hasher {
+            let _ = hasher.await;
+        }
         // Every piece in flight lands before the store is handed back.
         drop(write_jobs);
         while writes.total > 0 {
@@ -732,6 +778,20 @@ async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<W
             if done.send(WriteDone { file, piece, bytes, result }).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// The hashing worker, on a blocking thread: hashes pieces in the order
+/// asked and answers each at once. Ends when the loop drops its end of
+/// the jobs channel (or of the answers').
+fn hash_pieces(mut jobs: mpsc::Receiver<VerifyPiece>, answers: mpsc::Sender<PieceHashed>) {
+    while let Some(job) = jobs.blocking_recv() {
+        let answer = job.hash();
+        // The piece's bytes go back to the node's alone (it reuses them).
+        drop(job);
+        if answers.blocking_send(answer).is_err() {
+            break;
         }
     }
 }

@@ -11,7 +11,8 @@
 //! is down); frames go out on the connection in the driver's order
 //! (control lane first, each lane in order);
 //! `ServeBlock` reads the store and sends the block, then reports
-//! `BlockSent`; `StorePiece` writes the store; `Disconnect` sends a
+//! `BlockSent`; `VerifyPiece` is hashed at once (as the driver does under
+//! turmoil); `StorePiece` writes the store; `Disconnect` sends a
 //! goodbye; a crash resets its connections (peers learn after one
 //! latency); a partition wedges the connections it cuts, which the peers'
 //! idle timeouts close (computed from the driver's keepalive schedule).
@@ -811,6 +812,9 @@ impl<'a> Engine<'a> {
                     }
                     node.handle_input(now, NodeInput::BlockSent { conn, file });
                 }
+                // The turmoil engine's driver hashes inline too: the
+                // answer is in before the next event.
+                NodeOutput::VerifyPiece(job) => node.handle_input(now, NodeInput::PieceHashed(job.hash())),
                 NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                     let data = self.shared_piece(&file, piece, data);
                     let failed = self.hosts[host].store.write_piece(&file, piece, data).is_err();
