@@ -34,7 +34,9 @@ use rand::rngs::ChaCha8Rng;
 
 use crate::config::{Config, ConfigError};
 use crate::content::PieceHash;
-use crate::exchange::{Exchange, ExchangeEvent, ExchangeInput, ExchangeOutput, ServeBlock, StorePiece};
+use crate::exchange::{
+    Exchange, ExchangeEvent, ExchangeInput, ExchangeOutput, PieceHashed, ServeBlock, StorePiece, VerifyPiece,
+};
 use crate::gossip::{Gossip, GossipEvent, GossipInput, GossipOutput};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
@@ -83,6 +85,9 @@ pub enum NodeInput {
         /// The file.
         file: FileId,
     },
+    /// The hash of a piece the node asked to verify
+    /// ([`NodeOutput::VerifyPiece`]).
+    PieceHashed(PieceHashed),
 }
 
 /// What the node asks of the driver.
@@ -104,6 +109,10 @@ pub enum NodeOutput {
     },
     /// Read a block from the store and send it (then report `BlockSent`).
     ServeBlock(ServeBlock),
+    /// Hash a complete piece (SHA-256) and report `PieceHashed`
+    /// ([`VerifyPiece::hash`]), off the loop or at once: the node waits for
+    /// the answer before it stores or refetches the piece.
+    VerifyPiece(VerifyPiece),
     /// Write a verified piece to the store.
     StorePiece(StorePiece),
     /// Close a connection, telling the peer why.
@@ -509,6 +518,7 @@ impl Node {
             NodeInput::BlockSent { conn, file } => {
                 self.exchange.handle_input(now, ExchangeInput::BlockSent { conn, file });
             }
+            NodeInput::PieceHashed(hashed) => self.exchange.handle_input(now, ExchangeInput::PieceHashed(hashed)),
         }
         self.drain(now);
     }
@@ -967,6 +977,7 @@ impl Node {
         let out = match output {
             ExchangeOutput::Send { conn, message } => NodeOutput::Send { conn, message: Message::Exchange(message) },
             ExchangeOutput::ServeBlock(serve) => NodeOutput::ServeBlock(serve),
+            ExchangeOutput::VerifyPiece(verify) => NodeOutput::VerifyPiece(verify),
             ExchangeOutput::StorePiece(store) => NodeOutput::StorePiece(store),
             ExchangeOutput::Disconnect { conn, reason } => NodeOutput::Disconnect { conn, reason },
             ExchangeOutput::Event(event) => {

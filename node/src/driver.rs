@@ -13,7 +13,16 @@
 //!   `idle_timeout` without a frame closes it, so a silently partitioned
 //!   link does not hang) and a **writer** (frames from its own queue, a
 //!   keepalive every `keepalive_interval` when idle, the upload limit).
-//!   A peer whose queue is full is too slow and is disconnected.
+//!   The queue ([`crate::outbox`]) has two lanes: control, DHT and gossip
+//!   frames are written before queued exchange frames (blocks), each lane
+//!   in order. A peer whose queue is full is too slow and is disconnected.
+//!
+//! Complete pieces are hashed where the transport says
+//! ([`Transport::piece_hashing`]): on one worker thread for the daemon (at
+//! most `pieces_hashing_max` pieces and `pieces_hashing_bytes_max` bytes
+//! handed to it; beyond, the loop waits for an answer), inline under
+//! turmoil. A piece being hashed when the driver
+//! stops is lost, as a piece still being received is.
 //!
 //! On start the driver serves every complete file of the store and resumes
 //! every partial one from the pieces it holds, so a restarted node keeps
@@ -33,7 +42,7 @@ use std::time::Duration;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 use shoal_core::content::{BLOCK_BYTES, PieceHash};
-use shoal_core::exchange::{ServeBlock, StorePiece};
+use shoal_core::exchange::{PieceHashed, ServeBlock, StorePiece, VerifyPiece};
 use shoal_core::ids::{ConnId, FileId, NodeId, PieceIndex};
 use shoal_core::kad::QueryId;
 use shoal_core::manifest::FileManifest;
@@ -47,9 +56,10 @@ use crate::control::{CommandError, FileState, FileView, LookupLine, NodeStatus, 
 use crate::framing::{FrameReader, FrameWriter, write_frame};
 use crate::handshake::{self, HandshakeError, PeerInfo};
 use crate::identity::Identity;
+use crate::outbox::{OutboxReceiver, OutboxSender, TryRecv, outbox};
 use crate::ratelimit::TokenBucket;
 use crate::store::{FileStatus, PieceWrite, Store, StoreError};
-use crate::transport::{Listener, Transport};
+use crate::transport::{Listener, PieceHashing, Transport};
 
 /// Driver limits and timings.
 #[derive(Clone, Debug)]
@@ -71,8 +81,8 @@ pub struct DriverConfig {
     /// A reader closes the connection after this long without a frame
     /// (three keepalives lost).
     pub idle_timeout: Duration,
-    /// Frames queued for one connection's writer; a full queue means the
-    /// peer is too slow and it is disconnected.
+    /// Frames queued for one connection's writer, both lanes together; a
+    /// full queue means the peer is too slow and it is disconnected.
     pub conn_queue_frames_max: usize,
     /// Frames from all connections queued for the loop (backpressure:
     /// readers wait).
@@ -84,6 +94,16 @@ pub struct DriverConfig {
     pub store_writes_queued_max: usize,
     /// Bytes of those pieces (held in memory until durable).
     pub store_writes_queued_bytes_max: usize,
+    /// Complete pieces handed to the hashing worker and not yet answered;
+    /// at the limit the loop waits for an answer.
+    pub pieces_hashing_max: usize,
+    /// Bytes of those pieces. The node holds a piece until its hash is
+    /// answered (within its unverified bytes, 64 MiB a file), so a worker
+    /// starved of CPU would otherwise let a fast download park tens of
+    /// megabytes there (measured: 44 MiB on a loaded two-core machine).
+    /// 4 MiB (a few milliseconds of hashing) gave the daemon the same
+    /// throughput as 8 MiB in the perf test, with less memory.
+    pub pieces_hashing_bytes_max: usize,
     /// Upload limit, bytes per second.
     pub max_upload_bytes_per_s: Option<u64>,
     /// Download limit, bytes per second.
@@ -117,6 +137,8 @@ impl DriverConfig {
             write_buffer_bytes: 128 * 1024,
             store_writes_queued_max: 4096,
             store_writes_queued_bytes_max: 32 << 20,
+            pieces_hashing_max: 64,
+            pieces_hashing_bytes_max: 4 << 20,
             max_upload_bytes_per_s: None,
             max_download_bytes_per_s: None,
             searches_waiting_max: 16,
@@ -352,24 +374,10 @@ impl Traffic {
 }
 
 enum NetEvent {
-    Connected {
-        conn: ConnId,
-        peer: PeerInfo,
-        remote: SocketAddr,
-        dialed: Option<SocketAddr>,
-        writer: mpsc::Sender<Message>,
-        blocks: Arc<std::sync::Mutex<BlockQueue>>,
-    },
-    DialFailed {
-        addr: SocketAddr,
-    },
-    Frame {
-        conn: ConnId,
-        message: Message,
-    },
-    Closed {
-        conn: ConnId,
-    },
+    Connected { conn: ConnId, peer: PeerInfo, remote: SocketAddr, dialed: Option<SocketAddr>, writer: OutboxSender },
+    DialFailed { addr: SocketAddr },
+    Frame { conn: ConnId, message: Message },
+    Closed { conn: ConnId },
 }
 
 /// Shared by the loop and the connection tasks.
@@ -476,6 +484,14 @@ impl<T: Transport> Driver<T> {
         let (write_done_tx, mut write_done) = mpsc::channel(writes_max);
         let writer = tokio::spawn(write_pieces(write_rx, write_done_tx));
         let mut writes = Writes::default();
+        let hashing = shared.transport.piece_hashing();
+        let hashes_max = shared.config.pieces_hashing_max.max(1);
+        let (hash_jobs, hash_rx) = mpsc::channel(hashes_max);
+        let (hashed_tx, mut hashed) = mpsc::channel(hashes_max);
+        let hasher = (hashing == PieceHashing::Worker)
+            .then(|| tokio::task::spawn_blocking(move || hash_pieces(hash_rx, hashed_tx)));
+        let hashes_bytes_max = shared.config.pieces_hashing_bytes_max;
+        let mut hashes = Hashes::default();
         loop {
             let deadline = node.poll_timeout().map(|at| shared.epoch + at.since_epoch());
             let sleep = async {
@@ -489,10 +505,14 @@ impl<T: Transport> Driver<T> {
                 Some(done) = write_done.recv(), if writes.total > 0 => {
                     writes.finish(&mut store, &mut counters, &shared.stored, done);
                 }
+                Some((answer, bytes)) = hashed.recv(), if hashes.pending > 0 => {
+                    hashes.finish(bytes);
+                    node.handle_input(since(shared.epoch), NodeInput::PieceHashed(answer));
+                }
                 Some(event) = net_rx.recv() => {
                     let now = since(shared.epoch);
                     match event {
-                        NetEvent::Connected { conn, peer, remote, dialed, writer, blocks } => {
+                        NetEvent::Connected { conn, peer, remote, dialed, writer } => {
                             if dialed.is_some() {
                                 dialing = dialing.saturating_sub(1);
                             }
@@ -504,7 +524,6 @@ impl<T: Transport> Driver<T> {
                             let addr = peer.listen_addr.unwrap_or(remote);
                             let entry = ConnEntry {
                                 writer,
-                                blocks,
                                 node: peer.node,
                                 addr,
                                 outbound: dialed.is_some(),
@@ -521,7 +540,7 @@ impl<T: Transport> Driver<T> {
                         NetEvent::Frame { conn, message } => {
                             if let Message::Exchange(ExchangeMessage::Cancel { file, piece, offset, .. }) = &message
                                 && let Some(entry) = conns.get(&conn)
-                                && entry.blocks.lock().is_ok_and(|mut queue| queue.cancel((*file, *piece, *offset)))
+                                && entry.writer.cancel(*file, *piece, *offset)
                             {
                                 counters.blocks_cancelled += 1;
                             }
@@ -580,17 +599,34 @@ impl<T: Transport> Driver<T> {
                     NodeOutput::ServeBlock(ServeBlock { conn, file, piece, offset, length }) => {
                         match store.read_block(&file, piece, offset, length) {
                             Ok(data) => {
-                                if let Some(entry) = conns.get(&conn)
-                                    && let Ok(mut queue) = entry.blocks.lock()
-                                {
-                                    queue.push((file, piece, offset));
-                                }
                                 let message = Message::Exchange(ExchangeMessage::Block { file, piece, offset, data });
                                 send(&mut conns, &mut node, &mut counters, now, conn, message);
                             }
                             Err(_) => counters.store_errors += 1,
                         }
                         node.handle_input(now, NodeInput::BlockSent { conn, file });
+                    }
+                    NodeOutput::VerifyPiece(job) => {
+                        if hashing == PieceHashing::Inline {
+                            node.handle_input(now, NodeInput::PieceHashed(job.hash()));
+                            continue;
+                        }
+                        // At the limit, wait for the worker (backpressure).
+                        let bytes = job.data.len();
+                        while hashes.pending >= hashes_max
+                            || (hashes.pending > 0 && hashes.bytes + bytes > hashes_bytes_max)
+                        {
+                            let Some((answer, done)) = hashed.recv().await else { break };
+                            hashes.finish(done);
+                            node.handle_input(now, NodeInput::PieceHashed(answer));
+                        }
+                        match hash_jobs.try_send(job) {
+                            Ok(()) => hashes.start(bytes),
+                            // The worker is gone: hash here.
+                            Err(refused) => {
+                                node.handle_input(now, NodeInput::PieceHashed(refused.into_inner().hash()));
+                            }
+                        }
                     }
                     NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                         if store.manifest(&file).is_none()
@@ -652,6 +688,10 @@ impl<T: Transport> Driver<T> {
             shared.traffic.gossip_duplicates.store(node.gossip().counters().duplicates, Ordering::Relaxed);
         }
         accept.abort();
+        drop(hash_jobs);
+        if let Some(hasher) = hasher {
+            let _ = hasher.await;
+        }
         // Every piece in flight lands before the store is handed back.
         drop(write_jobs);
         while writes.total > 0 {
@@ -660,35 +700,6 @@ impl<T: Transport> Driver<T> {
         }
         let _ = writer.await;
         (counters, store)
-    }
-}
-
-/// A block in a writer's queue: file, piece, offset.
-type BlockKey = (FileId, PieceIndex, u32);
-
-/// The blocks queued on one connection's writer, shared by the loop (which
-/// queues them and hears the peer's cancels) and the writer (which takes
-/// them), so a `Cancel` takes back a block not yet written (BEP 3). At
-/// most one entry per queued frame (`conn_queue_frames_max`).
-#[derive(Debug, Default)]
-struct BlockQueue {
-    /// Queued blocks, and whether the peer cancelled each.
-    queued: BTreeMap<BlockKey, bool>,
-}
-
-impl BlockQueue {
-    fn push(&mut self, block: BlockKey) {
-        self.queued.insert(block, false);
-    }
-
-    /// The peer cancelled `block`: whether it was still queued.
-    fn cancel(&mut self, block: BlockKey) -> bool {
-        self.queued.get_mut(&block).map(|cancelled| *cancelled = true).is_some()
-    }
-
-    /// The writer took `block` from its queue: whether to send it.
-    fn take(&mut self, block: BlockKey) -> bool {
-        self.queued.remove(&block) != Some(true)
     }
 }
 
@@ -782,11 +793,44 @@ async fn write_pieces(mut jobs: mpsc::Receiver<PieceWrite>, done: mpsc::Sender<W
     }
 }
 
+/// Pieces handed to the hashing worker and not yet answered.
+#[derive(Default)]
+struct Hashes {
+    pending: usize,
+    bytes: usize,
+}
+
+impl Hashes {
+    fn start(&mut self, bytes: usize) {
+        self.pending += 1;
+        self.bytes += bytes;
+    }
+
+    fn finish(&mut self, bytes: usize) {
+        self.pending = self.pending.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
+
+/// The hashing worker, on a blocking thread: hashes pieces in the order
+/// asked and answers each at once, with the piece's length. Ends when the
+/// loop drops its end of the jobs channel (or of the answers').
+fn hash_pieces(mut jobs: mpsc::Receiver<VerifyPiece>, answers: mpsc::Sender<(PieceHashed, usize)>) {
+    while let Some(job) = jobs.blocking_recv() {
+        let answer = (job.hash(), job.data.len());
+        // The piece's bytes go back to the node's alone (it reuses them).
+        drop(job);
+        if answers.blocking_send(answer).is_err() {
+            break;
+        }
+    }
+}
+
 /// One open connection, as the loop knows it.
 struct ConnEntry {
-    writer: mpsc::Sender<Message>,
-    /// Blocks in the writer's queue, shared with it.
-    blocks: Arc<std::sync::Mutex<BlockQueue>>,
+    /// The writer's queue (a `Cancel` from the peer takes back a block
+    /// still in it).
+    writer: OutboxSender,
     node: NodeId,
     addr: SocketAddr,
     outbound: bool,
@@ -1198,7 +1242,7 @@ fn send(
     message: Message,
 ) {
     let Some(entry) = conns.get(&conn) else { return };
-    if let Err(mpsc::error::TrySendError::Full(_)) = entry.writer.try_send(message) {
+    if entry.writer.try_send(message).is_err() {
         counters.slow_peers += 1;
         conns.remove(&conn);
         node.handle_input(now, NodeInput::Disconnected { conn });
@@ -1257,13 +1301,12 @@ async fn connection<T: Transport>(
         }
     };
     let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (tx, rx) = mpsc::channel(shared.config.conn_queue_frames_max);
-    let blocks = Arc::new(std::sync::Mutex::new(BlockQueue::default()));
-    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx, blocks: blocks.clone() };
+    let (tx, rx) = outbox(shared.config.conn_queue_frames_max);
+    let connected = NetEvent::Connected { conn, peer, remote, dialed, writer: tx };
     if shared.net.send(connected).await.is_err() {
         return; // the driver stopped
     }
-    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx, blocks));
+    let writing = tokio::spawn(write_loop(shared.clone(), writer, rx));
     let limited = shared.config.max_download_bytes_per_s.is_some();
     // Idle too long, closed, or a bad frame: the connection ends.
     while let Ok(Ok(Some((message, bytes)))) = tokio::time::timeout(shared.config.idle_timeout, reader.next()).await {
@@ -1338,21 +1381,16 @@ where
 /// Frames go through a [`FrameWriter`] of `write_buffer_bytes` and out in
 /// one write when the queue runs dry (or the buffer fills): a busy
 /// connection sends many frames per system call, an idle one sends each at
-/// once.
-async fn write_loop<T: Transport>(
-    shared: Arc<Shared<T>>,
-    writer: T::Writer,
-    mut rx: mpsc::Receiver<Message>,
-    blocks: Arc<std::sync::Mutex<BlockQueue>>,
-) {
+/// once. The queue hands out its control lane first ([`crate::outbox`]).
+async fn write_loop<T: Transport>(shared: Arc<Shared<T>>, writer: T::Writer, rx: OutboxReceiver) {
     let max = shared.config.frame_bytes_max;
     let limited = shared.config.max_upload_bytes_per_s.is_some();
     let mut writer = FrameWriter::new(writer, shared.config.write_buffer_bytes);
     loop {
         let message = match rx.try_recv() {
-            Ok(message) => message,
-            Err(mpsc::error::TryRecvError::Disconnected) => break, // the loop dropped us
-            Err(mpsc::error::TryRecvError::Empty) => {
+            TryRecv::Frame(message) => message,
+            TryRecv::Closed => break, // the loop dropped us
+            TryRecv::Empty => {
                 if writer.flush().await.is_err() {
                     break;
                 }
@@ -1366,12 +1404,6 @@ async fn write_loop<T: Transport>(
                 }
             }
         };
-        if let Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. }) = &message
-            && let Ok(mut queue) = blocks.lock()
-            && !queue.take((*file, *piece, *offset))
-        {
-            continue; // cancelled while queued
-        }
         let goodbye = matches!(message, Message::Goodbye { .. });
         let Ok(bytes) = writer.send(&message, max).await else { break };
         Traffic::add(&shared.traffic.sent, FrameKind::of(&message), bytes);
@@ -1391,22 +1423,4 @@ async fn write_loop<T: Transport>(
         }
     }
     let _ = writer.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cancel_takes_back_only_a_queued_block() {
-        let mut queue = BlockQueue::default();
-        let (a, b) = ((FileId([1; 32]), PieceIndex(0), 0), (FileId([1; 32]), PieceIndex(0), 16384));
-        queue.push(a);
-        queue.push(b);
-        assert!(queue.cancel(b));
-        assert!(queue.take(a), "not cancelled: sent");
-        assert!(!queue.take(b), "cancelled while queued: dropped");
-        assert!(!queue.cancel(a), "already written: nothing to take back");
-        assert!(queue.queued.is_empty());
-    }
 }

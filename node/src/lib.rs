@@ -13,6 +13,7 @@ pub mod driver;
 pub mod framing;
 pub mod handshake;
 pub mod identity;
+pub mod outbox;
 pub mod ratelimit;
 pub mod store;
 pub mod transport;

@@ -8,6 +8,19 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// Where the driver hashes the pieces the node asks it to verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PieceHashing {
+    /// In the loop, as soon as asked: the node has the answer before the
+    /// loop's next step, so a run never depends on thread timing (a
+    /// simulation in virtual time).
+    Inline,
+    /// On a worker thread: the loop goes on with the network while a
+    /// piece is hashed (SHA-256 of every byte downloaded is a third of a
+    /// busy downloader's CPU).
+    Worker,
+}
+
 /// A listening socket.
 pub trait Listener: Send + 'static {
     /// The stream type accepted.
@@ -36,6 +49,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
     /// Split a stream into halves owned by separate tasks.
     fn split(stream: Self::Stream) -> (Self::Reader, Self::Writer);
+    /// Where pieces are hashed: on a worker thread, unless the transport
+    /// runs in simulated time and must keep runs reproducible.
+    fn piece_hashing(&self) -> PieceHashing {
+        PieceHashing::Worker
+    }
 }
 
 /// Real TCP from `tokio::net`.

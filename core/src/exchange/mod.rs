@@ -15,6 +15,18 @@
 //! fetched from someone else, and its senders get a strike each; at
 //! `strikes_max` a peer is banned from the file.
 //!
+//! Hashing is the driver's work, so a daemon can do it off its event loop
+//! (SHA-256 of every byte downloaded was a third of a downloader's CPU):
+//! a complete piece leaves as [`ExchangeOutput::VerifyPiece`] and the
+//! driver answers with [`ExchangeInput::PieceHashed`], at once or later.
+//! Until the answer the piece is neither requested again nor stored, and
+//! still counts in the download's unverified bytes: pieces awaiting their
+//! hash are bounded by `download.unverified_bytes_max`, as pieces being
+//! assembled are. An answer is matched to its question by a [`VerifyId`];
+//! one for a file since removed (or removed and added again) is ignored.
+//! Peers that left while their piece was being hashed are not struck: a
+//! session's slot is forgotten by the download when it ends.
+//!
 //! Uploads are rationed by choking (BEP 3, libtorrent's choker):
 //! `upload_slots` regular slots re-chosen every `rechoke_interval` —
 //! while downloading, for the peers we download fastest from (tit for
@@ -46,7 +58,7 @@ use rand::rngs::ChaCha8Rng;
 pub use config::ExchangeConfig;
 use swarm::Swarm;
 
-use crate::content::PieceHash;
+use crate::content::{PieceHash, hash_piece};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::manifest::FileManifest;
 use crate::scheduler::PeerSlot;
@@ -130,6 +142,8 @@ pub enum ExchangeInput {
         /// The file.
         file: FileId,
     },
+    /// The answer to a [`ExchangeOutput::VerifyPiece`].
+    PieceHashed(PieceHashed),
 }
 
 /// What the exchange asks of the driver.
@@ -146,6 +160,9 @@ pub enum ExchangeOutput {
     /// Read a block from the store and send it as
     /// [`ExchangeMessage::Block`]; answer with [`ExchangeInput::BlockSent`].
     ServeBlock(ServeBlock),
+    /// Hash a complete piece and answer with [`ExchangeInput::PieceHashed`]
+    /// ([`VerifyPiece::hash`] does it).
+    VerifyPiece(VerifyPiece),
     /// Write a verified piece to the store.
     StorePiece(StorePiece),
     /// Close a connection.
@@ -183,6 +200,48 @@ pub struct StorePiece {
     pub piece: PieceIndex,
     /// Its bytes, hash-checked.
     pub data: Bytes,
+}
+
+/// Pairs a [`PieceHashed`] with the [`VerifyPiece`] it answers: the high
+/// 32 bits number the file's download (so an answer outliving its
+/// download never matches the next one), the low 32 bits the pieces
+/// hashed in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VerifyId(pub u64);
+
+/// A complete piece the driver must hash (SHA-256) before the exchange
+/// stores or rejects it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyPiece {
+    /// The file.
+    pub file: FileId,
+    /// The piece.
+    pub piece: PieceIndex,
+    /// Echoed in the answer.
+    pub id: VerifyId,
+    /// The piece's bytes as received (the exchange keeps them too).
+    pub data: Bytes,
+}
+
+impl VerifyPiece {
+    /// Hash the piece: the answer to give the exchange.
+    #[must_use]
+    pub fn hash(&self) -> PieceHashed {
+        PieceHashed { file: self.file, piece: self.piece, id: self.id, hash: hash_piece(&self.data) }
+    }
+}
+
+/// A piece's hash, computed by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PieceHashed {
+    /// The file.
+    pub file: FileId,
+    /// The piece.
+    pub piece: PieceIndex,
+    /// From the [`VerifyPiece`].
+    pub id: VerifyId,
+    /// SHA-256 of the piece's bytes.
+    pub hash: PieceHash,
 }
 
 /// Why a peer's message was a protocol violation.
@@ -292,6 +351,8 @@ pub struct Exchange {
     next_optimistic: Option<Instant>,
     next_idle_check: Option<Instant>,
     stats: ExchangeStats,
+    /// Swarms created so far: numbers each one's [`VerifyId`]s.
+    swarms_added: u64,
 }
 
 impl Exchange {
@@ -308,6 +369,7 @@ impl Exchange {
             next_optimistic: None,
             next_idle_check: None,
             stats: ExchangeStats::default(),
+            swarms_added: 0,
         }
     }
 
@@ -341,6 +403,12 @@ impl Exchange {
     #[must_use]
     pub fn peer_count(&self, file: &FileId) -> usize {
         self.swarms.get(file).map_or(0, Swarm::peer_count)
+    }
+
+    /// Complete pieces waiting for the driver's [`ExchangeInput::PieceHashed`].
+    #[must_use]
+    pub fn pieces_verifying(&self) -> usize {
+        self.swarms.values().map(Swarm::verifying_count).sum()
     }
 
     /// Whether any file is being exchanged on `conn`.
@@ -385,8 +453,26 @@ impl Exchange {
                     swarm.block_sent(slot);
                 }
             }
+            ExchangeInput::PieceHashed(hashed) => self.on_piece_hashed(now, hashed),
         }
         self.arm_choker(now);
+    }
+
+    /// The driver hashed a piece: store it or blame its senders. An answer
+    /// for a file no longer here is dropped.
+    fn on_piece_hashed(&mut self, now: Instant, hashed: PieceHashed) {
+        let file = hashed.file;
+        let Some(swarm) = self.swarms.get_mut(&file) else { return };
+        // Completion comes only with a verified piece.
+        let was_complete = swarm.is_complete();
+        let after = swarm.on_piece_hashed(now, hashed, &mut self.out, &mut self.stats);
+        if !was_complete && swarm.is_complete() {
+            self.leave_complete_peers(now, file);
+        }
+        if let swarm::After::Banned((conn, node)) = after {
+            self.out.push_back(ExchangeOutput::Event(ExchangeEvent::PeerBanned { file, node }));
+            self.end_session(now, conn, file, GoodbyeReason::Banned);
+        }
     }
 
     /// Run due timers: request timeouts, rechoke, optimistic unchoke.
@@ -452,7 +538,9 @@ impl Exchange {
         }
         let mut seed = [0u8; 32];
         rand::Rng::fill_bytes(&mut self.rng, &mut seed);
-        let swarm = Swarm::new(file, layout, manifest.root, piece_hashes, have, &self.config, seed);
+        let verify_ids = VerifyId(self.swarms_added << 32);
+        self.swarms_added = self.swarms_added.wrapping_add(1);
+        let swarm = Swarm::new(file, layout, manifest.root, piece_hashes, have, &self.config, seed, verify_ids);
         self.swarms.insert(file, swarm);
         self.arm_choker(now);
     }
@@ -516,11 +604,7 @@ impl Exchange {
             }
         };
         let Some(swarm) = self.swarms.get_mut(&file) else { return };
-        let was_complete = swarm.is_complete();
         let result = swarm.on_message(now, slot, message, &mut self.out, &mut self.stats);
-        if !was_complete && swarm.is_complete() {
-            self.leave_complete_peers(now, file);
-        }
         match result {
             Ok(swarm::After::Nothing) => {}
             Ok(swarm::After::Left) => self.drop_session(now, conn, file),

@@ -1,5 +1,6 @@
 //! One file's exchange: our pieces, the sessions of the peers trading it,
-//! the download (while incomplete) and the buffers of unverified pieces.
+//! the download (while incomplete), the buffers of unverified pieces and
+//! the complete pieces waiting for the driver's hash.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -8,8 +9,11 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
 use super::piece_buffers::PieceBuffers;
-use super::{ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, ServeBlock, StorePiece, Violation};
-use crate::content::{BLOCK_BYTES, Layout, MerkleProof, MerkleRoot, MerkleTree, PieceHash, hash_piece, verify_range};
+use super::{
+    ExchangeConfig, ExchangeEvent, ExchangeOutput, ExchangeStats, PieceHashed, ServeBlock, StorePiece, VerifyId,
+    VerifyPiece, Violation,
+};
+use crate::content::{BLOCK_BYTES, Layout, MerkleProof, MerkleRoot, MerkleTree, PieceHash, verify_range};
 use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::scheduler::{BlockError, BlockRef, Download, PeerSlot};
 use crate::time::Instant;
@@ -96,8 +100,17 @@ pub(super) struct Swarm {
     have_count: u32,
     download: Option<Download>,
     sessions: Vec<Option<Session>>,
-    /// Blocks of started pieces, until the piece is verified or fails.
+    /// Blocks of started pieces, until the piece is complete.
     buffers: BTreeMap<PieceIndex, BytesMut>,
+    /// Who sent the blocks in `buffers`, per piece (a session's slot is
+    /// dropped when it ends).
+    buffer_senders: BTreeMap<PieceIndex, Vec<PeerSlot>>,
+    /// Complete pieces handed to the driver to hash, until it answers.
+    /// Each is still a started piece of the download, so their bytes count
+    /// in its `unverified_bytes_max` with the buffers'.
+    verifying: BTreeMap<PieceIndex, Verifying>,
+    /// The id the next piece to hash gets.
+    verify_next: VerifyId,
     /// Memory of pieces handed out, reused for later ones.
     piece_buffers: PieceBuffers,
     strikes: BTreeMap<NodeId, u32>,
@@ -105,6 +118,13 @@ pub(super) struct Swarm {
     /// `banned` in ban order, to forget the oldest at `bans_per_file_max`.
     ban_order: VecDeque<NodeId>,
     config: ExchangeConfig,
+}
+
+/// A complete piece whose hash the driver was asked for.
+#[derive(Clone, Debug)]
+struct Verifying {
+    id: VerifyId,
+    data: Bytes,
 }
 
 fn bitfield_is_valid(pieces: u32, packed: &[u8]) -> bool {
@@ -115,6 +135,8 @@ fn bitfield_is_valid(pieces: u32, packed: &[u8]) -> bool {
 
 impl Swarm {
     /// `have: None` seeds (every piece held); `Some(pieces)` downloads.
+    /// Pieces to hash are numbered from `verify_ids`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         file: FileId,
         layout: Layout,
@@ -123,6 +145,7 @@ impl Swarm {
         have: Option<Vec<PieceIndex>>,
         config: &ExchangeConfig,
         seed: [u8; 32],
+        verify_ids: VerifyId,
     ) -> Self {
         let pieces = layout.piece_count();
         let batch = config.hash_batch_max;
@@ -145,6 +168,9 @@ impl Swarm {
             download: None,
             sessions: vec![None; usize::from(config.peers_per_file_max)],
             buffers: BTreeMap::new(),
+            buffer_senders: BTreeMap::new(),
+            verifying: BTreeMap::new(),
+            verify_next: verify_ids,
             piece_buffers: PieceBuffers::default(),
             strikes: BTreeMap::new(),
             banned: BTreeSet::new(),
@@ -200,6 +226,11 @@ impl Swarm {
     /// Every piece hash, once known (given, or fetched and proven).
     pub(super) fn piece_hashes(&self) -> Option<&[PieceHash]> {
         self.hash_fetch.is_none().then_some(self.hashes.as_slice())
+    }
+
+    /// Complete pieces waiting for their hash.
+    pub(super) fn verifying_count(&self) -> usize {
+        self.verifying.len()
     }
 
     pub(super) fn peer_count(&self) -> usize {
@@ -326,6 +357,9 @@ impl Swarm {
         if let Some(download) = &mut self.download {
             // The slot was registered when the session was created.
             let _ = download.remove_peer(slot);
+        }
+        for senders in self.buffer_senders.values_mut() {
+            senders.retain(|&s| s != slot);
         }
         if let Some(fetch) = &mut self.hash_fetch {
             fetch.inflight.retain(|_, (asked, _)| *asked != slot);
@@ -831,15 +865,18 @@ impl Swarm {
             std::collections::btree_map::Entry::Vacant(entry) => entry.insert(self.piece_buffers.take(piece_len)),
         };
         buffer[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        let senders = self.buffer_senders.entry(piece).or_default();
+        if !senders.contains(&slot) {
+            senders.push(slot);
+        }
         for (other, block) in accepted.cancels {
             self.send_cancel(other, block, out);
         }
-        let mut after = After::Nothing;
         if accepted.piece_complete {
-            after = self.verify(now, piece, out, stats);
+            self.request_verify(piece, out);
         }
         self.refill(now, slot, out);
-        Ok(after)
+        Ok(After::Nothing)
     }
 
     /// Count a strike against `node`; returns whether it is now banned.
@@ -866,22 +903,41 @@ impl Swarm {
         true
     }
 
-    /// Hash a complete piece: store it if good, refetch and blame if bad.
-    fn verify(
+    /// A piece is complete: ask the driver for its hash. Its blocks are
+    /// all received, so nothing changes it until the answer.
+    fn request_verify(&mut self, piece: PieceIndex, out: &mut VecDeque<ExchangeOutput>) {
+        self.buffer_senders.remove(&piece);
+        let Some(buffer) = self.buffers.remove(&piece) else { return };
+        let data = buffer.freeze();
+        let id = self.verify_next;
+        // Wraps within the file's half of the id (module docs of `VerifyId`).
+        self.verify_next = VerifyId((id.0 & !u64::from(u32::MAX)) | u64::from((id.0 as u32).wrapping_add(1)));
+        assert!(!self.verifying.contains_key(&piece), "{piece:?} is hashed once at a time");
+        self.verifying.insert(piece, Verifying { id, data: data.clone() });
+        out.push_back(ExchangeOutput::VerifyPiece(VerifyPiece { file: self.file, piece, id, data }));
+    }
+
+    /// The driver's answer: store the piece if its hash is right, refetch
+    /// it and blame its senders if not. An answer to no question (or to an
+    /// earlier one) is dropped.
+    pub(super) fn on_piece_hashed(
         &mut self,
         now: Instant,
-        piece: PieceIndex,
+        hashed: PieceHashed,
         out: &mut VecDeque<ExchangeOutput>,
         stats: &mut ExchangeStats,
     ) -> After {
-        let file = self.file;
-        let Some(buffer) = self.buffers.remove(&piece) else { return After::Nothing };
+        let piece = hashed.piece;
+        if self.verifying.get(&piece).is_none_or(|v| v.id != hashed.id) {
+            return After::Nothing;
+        }
+        let Some(Verifying { data, .. }) = self.verifying.remove(&piece) else { return After::Nothing };
         let Some(download) = &mut self.download else { return After::Nothing };
-        if hash_piece(&buffer) == self.hashes[piece.0 as usize] {
+        let file = self.file;
+        if hashed.hash == self.hashes[piece.0 as usize] {
             stats.pieces_verified += 1;
             let senders = download.piece_passed(piece);
             let complete = download.is_complete();
-            let data = buffer.freeze();
             self.piece_buffers.retire(&data);
             out.push_back(ExchangeOutput::StorePiece(StorePiece { file, piece, data }));
             out.push_back(ExchangeOutput::Event(ExchangeEvent::PieceVerified { file, piece }));
@@ -902,16 +958,21 @@ impl Swarm {
             if complete {
                 self.download = None;
                 self.buffers.clear();
+                self.buffer_senders.clear();
                 self.piece_buffers.clear();
                 for index in 0..self.sessions.len() {
                     self.update_interest(PeerSlot(index as u16), out);
                 }
                 out.push_back(ExchangeOutput::Event(ExchangeEvent::DownloadComplete { file }));
+            } else {
+                // Its bytes left the unverified budget: a download that
+                // waited on the budget (every peer idle) starts new pieces.
+                self.refill_all(now, out);
             }
             return After::Nothing;
         }
         stats.pieces_failed += 1;
-        self.piece_buffers.retire(&buffer.freeze());
+        self.piece_buffers.retire(&data);
         let culprits = download.piece_failed(piece);
         let nodes: Vec<(ConnId, NodeId)> =
             culprits.iter().filter_map(|&slot| self.session(slot).map(|s| (s.conn, s.node))).collect();
@@ -922,12 +983,43 @@ impl Swarm {
         }));
         let mut banned = None;
         for (conn, node) in nodes {
-            if self.strike(node) && banned.is_none() {
-                banned = Some((conn, node));
+            if self.strike(node) {
+                self.discard_blocks_of(node);
+                banned = banned.or(Some((conn, node)));
             }
         }
         self.refill_all(now, out);
         banned.map_or(After::Nothing, After::Banned)
+    }
+
+    /// `node` is banned: the pieces still being assembled with its blocks
+    /// start over without them. Left in, they would fail their hash once
+    /// others finished them and, its session gone, blame only those others
+    /// and shut them out of the piece: with hashing off the driver's loop
+    /// a bad peer has several pieces under way when its strikes land.
+    fn discard_blocks_of(&mut self, node: NodeId) {
+        let Some(slot) = (0..self.sessions.len())
+            .map(|index| PeerSlot(index as u16))
+            .find(|&slot| self.session(slot).is_some_and(|s| s.node == node))
+        else {
+            return;
+        };
+        let Some(download) = &mut self.download else { return };
+        let tainted: Vec<PieceIndex> = self
+            .buffer_senders
+            .iter()
+            .filter(|(_, senders)| senders.contains(&slot))
+            .map(|(&piece, _)| piece)
+            .collect();
+        for piece in tainted {
+            // Its senders are shut out of the piece, as for a bad hash; no
+            // strikes: nothing was hashed.
+            download.piece_failed(piece);
+            self.buffer_senders.remove(&piece);
+            if let Some(buffer) = self.buffers.remove(&piece) {
+                self.piece_buffers.retire(&buffer.freeze());
+            }
+        }
     }
 }
 
@@ -946,6 +1038,7 @@ mod tests {
             None,
             config,
             [0; 32],
+            VerifyId(0),
         )
     }
 

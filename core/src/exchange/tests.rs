@@ -32,6 +32,11 @@ struct Peer {
     events: Vec<(Instant, ExchangeEvent)>,
     /// Every block handed out, in order.
     served: Vec<(PieceIndex, u32)>,
+    /// Hash answers still to be given wrong (as if the piece were bad).
+    wrong_hashes: u32,
+    /// Hash requests kept unanswered, while `Some` (a driver whose hasher
+    /// is slow); otherwise each is answered at once.
+    held: Option<Vec<VerifyPiece>>,
 }
 
 impl Peer {
@@ -58,6 +63,17 @@ impl Peer {
                     self.outbox.push_back((conn.0 as usize, Wire::Exchange(message)));
                     self.exchange.handle_input(now, ExchangeInput::BlockSent { conn, file });
                 }
+                ExchangeOutput::VerifyPiece(job) => match &mut self.held {
+                    Some(held) => held.push(job),
+                    None => {
+                        let mut hashed = job.hash();
+                        if self.wrong_hashes > 0 {
+                            self.wrong_hashes -= 1;
+                            hashed.hash.0[0] ^= 1;
+                        }
+                        self.exchange.handle_input(now, ExchangeInput::PieceHashed(hashed));
+                    }
+                },
                 ExchangeOutput::StorePiece(StorePiece { piece, data, .. }) => {
                     assert_eq!(data.len() as u32, self.layout.piece_len(piece));
                     self.pieces[piece.0 as usize] = Some(data);
@@ -140,6 +156,8 @@ struct Setup {
     fetch_hashes: bool,
     /// The seed reveals pieces one by one.
     super_seed: bool,
+    /// Replaces the download's `unverified_bytes_max`.
+    unverified_bytes_max: Option<u64>,
     seed: u64,
 }
 
@@ -159,6 +177,9 @@ fn swarm_with(setup: Setup) -> Swarm {
     let mut config = ExchangeConfig { super_seeding: setup.super_seed, ..ExchangeConfig::default() };
     if setup.fetch_hashes {
         config.hash_batch_max = 16;
+    }
+    if let Some(bytes) = setup.unverified_bytes_max {
+        config.download.unverified_bytes_max = bytes;
     }
     let mut leech_manifest = manifest.clone();
     if setup.fetch_hashes {
@@ -198,6 +219,8 @@ fn swarm_with(setup: Setup) -> Swarm {
             outbox: VecDeque::new(),
             events: Vec::new(),
             served: Vec::new(),
+            wrong_hashes: 0,
+            held: None,
         });
     }
     for index in 1..total {
@@ -292,19 +315,30 @@ fn a_peer_vanishing_mid_piece_costs_only_a_re_request() {
     }
 }
 
-/// Drive one machine by hand and record what it sends.
+/// Drive one machine by hand and record what it sends. Hash requests
+/// are kept for the test to answer.
 struct Probe {
     exchange: Exchange,
     choking: std::collections::BTreeMap<u64, bool>,
     requests: Vec<(ConnId, PieceIndex, u32, u32)>,
     /// Session ends and announcements sent, in order.
     sent: Vec<(ConnId, ExchangeMessage)>,
+    verify: Vec<VerifyPiece>,
+    stored: Vec<PieceIndex>,
+    events: Vec<ExchangeEvent>,
 }
 
 impl Probe {
     fn new(config: ExchangeConfig, seed: u8) -> Self {
-        let exchange = Exchange::new(config, [seed; 32]);
-        Self { exchange, choking: Default::default(), requests: Vec::new(), sent: Vec::new() }
+        Self {
+            exchange: Exchange::new(config, [seed; 32]),
+            choking: Default::default(),
+            requests: Vec::new(),
+            sent: Vec::new(),
+            verify: Vec::new(),
+            stored: Vec::new(),
+            events: Vec::new(),
+        }
     }
 
     fn input(&mut self, now: Instant, input: ExchangeInput) {
@@ -314,8 +348,8 @@ impl Probe {
 
     fn drain(&mut self) {
         while let Some(output) = self.exchange.poll_output() {
-            if let ExchangeOutput::Send { conn, message } = output {
-                match message {
+            match output {
+                ExchangeOutput::Send { conn, message } => match message {
                     ExchangeMessage::Choke { .. } => drop(self.choking.insert(conn.0, true)),
                     ExchangeMessage::Unchoke { .. } => drop(self.choking.insert(conn.0, false)),
                     ExchangeMessage::Request { piece, offset, length, .. } => {
@@ -326,9 +360,45 @@ impl Probe {
                     | ExchangeMessage::HaveNone { .. }
                     | ExchangeMessage::Bitfield { .. }) => self.sent.push((conn, message)),
                     _ => {}
-                }
+                },
+                ExchangeOutput::VerifyPiece(job) => self.verify.push(job),
+                ExchangeOutput::StorePiece(StorePiece { piece, .. }) => self.stored.push(piece),
+                ExchangeOutput::Event(event) => self.events.push(event),
+                _ => {}
             }
         }
+    }
+
+    /// A peer that holds every piece and unchokes us, on `conn`.
+    fn add_seed(&mut self, now: Instant, conn: ConnId, file: FileId) {
+        self.input(now, ExchangeInput::PeerConnected { conn, node: node_id(conn.0 as usize) });
+        for message in [ExchangeMessage::HaveAll { file }, ExchangeMessage::Unchoke { file }] {
+            self.input(now, ExchangeInput::Message { conn, message });
+        }
+    }
+
+    /// Answer the requests made so far to `conn` (for `piece` only, if
+    /// given) with the file's bytes; returns how many.
+    fn serve(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        piece: Option<PieceIndex>,
+        data: &[u8],
+        layout: Layout,
+        file: FileId,
+    ) -> usize {
+        let wanted = |r: &(ConnId, PieceIndex, u32, u32)| r.0 == conn && piece.is_none_or(|p| p == r.1);
+        let asked: Vec<_> = self.requests.iter().copied().filter(wanted).collect();
+        self.requests.retain(|r| !wanted(r));
+        let count = asked.len();
+        for (conn, piece, offset, length) in asked {
+            let start = layout.piece_offset(piece) as usize + offset as usize;
+            let block = Bytes::copy_from_slice(&data[start..start + length as usize]);
+            let message = ExchangeMessage::Block { file, piece, offset, data: block };
+            self.input(now, ExchangeInput::Message { conn, message });
+        }
+        count
     }
 
     fn unchoked(&self) -> Vec<u64> {
@@ -610,9 +680,206 @@ fn sessions_between_complete_peers_end() {
             let message = ExchangeMessage::Block { file, piece, offset, data: block };
             leecher.input(t0, ExchangeInput::Message { conn, message });
         }
+        for job in std::mem::take(&mut leecher.verify) {
+            leecher.input(t0, ExchangeInput::PieceHashed(job.hash()));
+        }
     }
     assert!(leecher.exchange.is_complete(&file));
     assert!(leecher.sent.contains(&(ConnId(0), ExchangeMessage::Leave { file })), "left the seed");
     assert!(!leecher.sent.contains(&(ConnId(2), ExchangeMessage::Leave { file })), "kept the downloader");
     assert_eq!(leecher.exchange.peer_count(&file), 1);
+}
+
+/// The driver's hash says a piece is bad: the piece is fetched again, its
+/// sender gets a strike (one, not a ban), and the download completes with
+/// the right bytes.
+#[test]
+fn a_piece_whose_hash_answer_mismatches_is_refetched_and_its_sender_struck() {
+    // Two leechers: a culprit never gets the same piece again, so the
+    // piece comes back from the other source.
+    let mut s = swarm(8, 2, &[], 7);
+    s.net.with_node(1, |peer, _| peer.wrong_hashes = 1);
+    let done = s.net.run_until_with(Instant::ZERO + Duration::from_secs(60), |n| all_complete(n, &[1, 2], &s.file));
+    assert!(done, "the downloads did not complete");
+    let peer = s.net.node(1);
+    assert_eq!(peer.content().as_deref(), Some(&s.data[..]));
+    let stats = peer.exchange.stats();
+    assert_eq!((stats.pieces_verified, stats.pieces_failed), (8, 1));
+    assert_eq!(stats.blocks_received, 9 * 4, "eight pieces of four blocks, one of them twice");
+    let failed: Vec<&Vec<NodeId>> = peer
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ExchangeEvent::PieceFailed { culprits, .. } => Some(culprits),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(!failed[0].is_empty(), "the piece's senders are blamed");
+    assert!(failed[0].iter().all(|n| [node_id(0), node_id(2)].contains(n)), "{failed:?}");
+    assert!(!peer.events.iter().any(|(_, e)| matches!(e, ExchangeEvent::PeerBanned { .. })), "one strike is no ban");
+}
+
+/// A driver that is slow to hash holds back the download, not memory:
+/// pieces waiting for their hash count in the unverified bytes, so at
+/// `unverified_bytes_max` nothing more is requested until answers come.
+#[test]
+fn pieces_waiting_for_their_hash_are_bounded_by_the_unverified_bytes() {
+    let piece_bytes: u64 = 64 * 1024;
+    let mut s = swarm_with(Setup {
+        pieces: 16,
+        leechers: 1,
+        unverified_bytes_max: Some(3 * piece_bytes),
+        seed: 8,
+        ..Setup::default()
+    });
+    s.net.with_node(1, |peer, _| peer.held = Some(Vec::new()));
+    s.net.run_for(Duration::from_secs(5));
+    let peer = s.net.node(1);
+    assert_eq!(peer.held.as_ref().map(Vec::len), Some(3), "three pieces fill the budget");
+    assert_eq!(peer.exchange.pieces_verifying(), 3);
+    assert!(peer.pieces.iter().all(Option::is_none), "nothing is stored before its hash");
+    assert_eq!(s.net.node(0).served.len(), 3 * 4, "no block past the budget was requested");
+    // The hasher catches up: the rest follows.
+    s.net.with_node(1, |peer, now| {
+        for job in peer.held.take().unwrap_or_default() {
+            peer.exchange.handle_input(now, ExchangeInput::PieceHashed(job.hash()));
+        }
+        peer.pump(now);
+    });
+    let done = s.net.run_until_with(s.net.now() + Duration::from_secs(60), |n| all_complete(n, &[1], &s.file));
+    assert!(done, "the download did not resume after the answers");
+    assert_eq!(s.net.node(1).content().as_deref(), Some(&s.data[..]));
+    assert_eq!(s.net.node(1).exchange.pieces_verifying(), 0);
+}
+
+/// A hash answer that arrives after its file was removed is dropped, and
+/// so is one for an earlier download of a file added again: only the
+/// answer to the current question stores the piece.
+#[test]
+fn a_late_hash_answer_for_a_removed_file_is_ignored() {
+    let (data, content, manifest) = test_file(4, 9);
+    let (layout, file) = (content.layout, content.file_id);
+    let mut probe = Probe::new(ExchangeConfig::default(), 9);
+    let t0 = Instant::ZERO;
+    let download = ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] };
+    // Streaming from piece 0: both downloads fetch it first.
+    let stream = ExchangeInput::Stream { file, from: Some(PieceIndex(0)) };
+    let piece = PieceIndex(0);
+    probe.input(t0, download.clone());
+    probe.input(t0, stream.clone());
+    probe.add_seed(t0, ConnId(1), file);
+    assert_eq!(probe.serve(t0, ConnId(1), Some(piece), &data, layout, file), 4);
+    let stale = probe.verify.pop().expect("a complete piece is handed out to hash");
+    assert_eq!((stale.file, stale.piece), (file, piece));
+
+    probe.input(t0, ExchangeInput::Remove { file });
+    probe.input(t0, ExchangeInput::PieceHashed(stale.hash()));
+    assert!(probe.stored.is_empty() && probe.events.is_empty(), "removed: the answer is dropped");
+
+    // Added again: the same piece is fetched and asked about anew.
+    probe.requests.clear();
+    probe.input(t0, download);
+    probe.input(t0, stream);
+    probe.input(t0, ExchangeInput::Open { conn: ConnId(1), file });
+    for message in [ExchangeMessage::HaveAll { file }, ExchangeMessage::Unchoke { file }] {
+        probe.input(t0, ExchangeInput::Message { conn: ConnId(1), message });
+    }
+    assert_eq!(probe.serve(t0, ConnId(1), Some(piece), &data, layout, file), 4);
+    let current = probe.verify.pop().expect("asked again");
+    assert_eq!(current.piece, piece);
+    assert_ne!(current.id, stale.id, "each download numbers its questions apart");
+    probe.input(t0, ExchangeInput::PieceHashed(stale.hash()));
+    assert!(probe.stored.is_empty(), "an answer to the earlier download is dropped");
+    assert_eq!(probe.exchange.pieces_verifying(), 1);
+    probe.input(t0, ExchangeInput::PieceHashed(current.hash()));
+    assert_eq!(probe.stored, [piece]);
+    assert_eq!(probe.events, [ExchangeEvent::PieceVerified { file, piece }]);
+}
+
+/// The sender of a piece leaves while it is being hashed, and the hash is
+/// wrong: nobody present is blamed (its slot may have a new occupant), the
+/// piece is fetched from another peer, and nothing panics.
+#[test]
+fn a_sender_gone_while_its_piece_is_hashed_is_not_confused_with_others() {
+    let (data, content, manifest) = test_file(4, 10);
+    let (layout, file) = (content.layout, content.file_id);
+    let mut probe = Probe::new(ExchangeConfig::default(), 10);
+    let t0 = Instant::ZERO;
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
+    probe.add_seed(t0, ConnId(1), file);
+    let piece = probe.requests[0].1;
+    assert_eq!(probe.serve(t0, ConnId(1), Some(piece), &data, layout, file), 4);
+    let job = probe.verify.pop().expect("a complete piece is handed out to hash");
+    probe.input(t0, ExchangeInput::PeerDisconnected { conn: ConnId(1) });
+    // Another peer takes the freed slot.
+    probe.requests.clear();
+    probe.add_seed(t0, ConnId(2), file);
+    let mut wrong = job.hash();
+    wrong.hash.0[0] ^= 1;
+    probe.input(t0, ExchangeInput::PieceHashed(wrong));
+    assert_eq!(probe.events, [ExchangeEvent::PieceFailed { file, piece, culprits: vec![] }]);
+    assert!(!probe.events.iter().any(|e| matches!(e, ExchangeEvent::PeerBanned { .. })));
+    // The other peer serves everything asked of it, the piece included.
+    for _ in 0..8 {
+        probe.serve(t0, ConnId(2), None, &data, layout, file);
+        for job in std::mem::take(&mut probe.verify) {
+            probe.input(t0, ExchangeInput::PieceHashed(job.hash()));
+        }
+    }
+    assert!(probe.exchange.is_complete(&file), "the download completed from the other peer");
+    assert_eq!(probe.stored.iter().filter(|&&p| p == piece).count(), 1, "stored once, the good copy");
+}
+
+/// Hashing lags behind a bad peer: it completes pieces and starts another
+/// before its strikes land. When it is banned, the piece it left half
+/// done starts over without its blocks, so the honest peer that finishes
+/// it is neither blamed nor shut out of it, and the download completes.
+#[test]
+fn a_banned_peers_half_done_piece_does_not_blame_who_finishes_it() {
+    let (data, content, manifest) = test_file(16, 11);
+    let (layout, file) = (content.layout, content.file_id);
+    let flipped: Vec<u8> = data.iter().map(|b| !b).collect();
+    let config = ExchangeConfig { strikes_max: 3, ..ExchangeConfig::default() };
+    let mut probe = Probe::new(config, 11);
+    let t0 = Instant::ZERO;
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
+    let (bad, good) = (ConnId(1), ConnId(2));
+    probe.add_seed(t0, bad, file);
+    // Three whole pieces from the bad peer, their hashes not yet answered.
+    while probe.verify.len() < 3 {
+        let piece = probe.requests.iter().find(|r| r.0 == bad).map(|r| r.1).expect("the bad peer is asked");
+        probe.serve(t0, bad, Some(piece), &flipped, layout, file);
+    }
+    // Half of a fourth.
+    let piece = probe.requests.iter().find(|r| r.0 == bad).map(|r| r.1).expect("a fourth piece");
+    let half: Vec<_> = probe.requests.iter().filter(|r| r.0 == bad && r.1 == piece).take(2).copied().collect();
+    for (conn, piece, offset, length) in half {
+        let start = layout.piece_offset(piece) as usize + offset as usize;
+        let block = Bytes::copy_from_slice(&flipped[start..start + length as usize]);
+        probe.input(
+            t0,
+            ExchangeInput::Message { conn, message: ExchangeMessage::Block { file, piece, offset, data: block } },
+        );
+    }
+    probe.add_seed(t0, good, file);
+    for job in std::mem::take(&mut probe.verify) {
+        probe.input(t0, ExchangeInput::PieceHashed(job.hash()));
+    }
+    assert!(probe.events.contains(&ExchangeEvent::PeerBanned { file, node: node_id(1) }), "{:?}", probe.events);
+    probe.input(t0, ExchangeInput::PeerDisconnected { conn: bad });
+    probe.requests.retain(|r| r.0 == good);
+    for _ in 0..16 {
+        probe.serve(t0, good, None, &data, layout, file);
+        for job in std::mem::take(&mut probe.verify) {
+            probe.input(t0, ExchangeInput::PieceHashed(job.hash()));
+        }
+    }
+    assert!(probe.exchange.is_complete(&file), "the honest peer served every piece");
+    for event in &probe.events {
+        if let ExchangeEvent::PieceFailed { culprits, .. } = event {
+            assert_eq!(culprits, &[node_id(1)], "only the bad peer is blamed");
+        }
+    }
+    assert_eq!(probe.exchange.stats().pieces_failed, 3);
 }

@@ -76,6 +76,7 @@ impl Host {
                     self.outbox.push_back((conn.0 as usize, Wire::Frame(message)));
                     self.node.handle_input(now, NodeInput::BlockSent { conn, file });
                 }
+                NodeOutput::VerifyPiece(job) => self.node.handle_input(now, NodeInput::PieceHashed(job.hash())),
                 NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                     if let Some(pieces) = self.pieces.get_mut(&file) {
                         pieces[piece.0 as usize] = Some(data);

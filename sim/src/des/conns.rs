@@ -7,8 +7,9 @@
 
 use std::collections::VecDeque;
 
-use shoal_node::core::ids::ConnId;
-use shoal_node::core::wire::Message;
+use shoal_node::core::ids::{ConnId, FileId, PieceIndex};
+use shoal_node::core::wire::{ExchangeMessage, Message};
+use shoal_node::outbox::Lane;
 
 /// One side of a connection.
 #[derive(Clone, Debug)]
@@ -29,16 +30,58 @@ pub(crate) struct End {
 
 /// One side's writer, as the driver's `write_loop`: a frame is written
 /// when the writer is free, then the writer sleeps for the upload
-/// bucket's debt before the next.
+/// bucket's debt before the next. Its queue has the driver's two lanes
+/// (`shoal_node::outbox`): control frames go before queued exchange
+/// frames, each lane in order, both under one bound.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Writer {
-    /// Frames waiting, with their encoded size.
-    pub(crate) queue: VecDeque<(Message, u32)>,
+    /// Control, DHT and gossip frames waiting, with their encoded size.
+    control: VecDeque<(Message, u32)>,
+    /// Exchange frames (blocks among them) waiting, with their encoded size.
+    data: VecDeque<(Message, u32)>,
     /// The writer sleeps until then.
     pub(crate) busy_until_us: u64,
     /// Whether it still writes (it stops after a goodbye, a crash, or when
     /// its reader saw the connection end).
     pub(crate) open: bool,
+}
+
+impl Writer {
+    /// Frames waiting in both lanes.
+    pub(crate) fn len(&self) -> usize {
+        self.control.len() + self.data.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.data.is_empty()
+    }
+
+    /// Queue a frame in its lane.
+    pub(crate) fn push(&mut self, message: Message, bytes: u32) {
+        match Lane::of(&message) {
+            Lane::Control => self.control.push_back((message, bytes)),
+            Lane::Data => self.data.push_back((message, bytes)),
+        }
+    }
+
+    /// The next frame to write: the control lane's first.
+    pub(crate) fn pop(&mut self) -> Option<(Message, u32)> {
+        self.control.pop_front().or_else(|| self.data.pop_front())
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.control.clear();
+        self.data.clear();
+    }
+
+    /// The driver's `OutboxSender::cancel`: take back a queued block.
+    pub(crate) fn cancel(&mut self, block: (FileId, PieceIndex, u32)) -> bool {
+        let queued = self.data.iter().position(|(m, _)| {
+            matches!(m, Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. })
+                if (*file, *piece, *offset) == block)
+        });
+        queued.and_then(|index| self.data.remove(index)).is_some()
+    }
 }
 
 /// A connection between two hosts; side 0 dialled, side 1 accepted.
@@ -94,7 +137,7 @@ impl Link {
         end.open = false;
         end.conn = None;
         end.writer.open = false;
-        end.writer.queue.clear();
+        end.writer.clear();
     }
 
     /// When side `side`'s reader gives up on a link wedged at `now_us`:

@@ -8,9 +8,11 @@
 //! dials become `Connected` on both sides three one-way latencies later
 //! (turmoil's SYN, then the hellos, then the proofs), or `DialFailed`
 //! (refused at once across a partition, one latency later by a host that
-//! is down); frames go out on the connection in order;
+//! is down); frames go out on the connection in the driver's order
+//! (control lane first, each lane in order);
 //! `ServeBlock` reads the store and sends the block, then reports
-//! `BlockSent`; `StorePiece` writes the store; `Disconnect` sends a
+//! `BlockSent`; `VerifyPiece` is hashed at once (as the driver does under
+//! turmoil); `StorePiece` writes the store; `Disconnect` sends a
 //! goodbye; a crash resets its connections (peers learn after one
 //! latency); a partition wedges the connections it cuts, which the peers'
 //! idle timeouts close (computed from the driver's keepalive schedule).
@@ -759,17 +761,11 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// The driver's `BlockQueue::cancel`: a peer's `Cancel` takes back a
+    /// The driver's `OutboxSender::cancel`: a peer's `Cancel` takes back a
     /// block still waiting in our writer's queue on that connection (BEP 3).
     fn take_back(&mut self, link_id: u64, side: usize, block: (FileId, PieceIndex, u32)) {
         let Some(link) = self.links.get_mut(&link_id) else { return };
-        let queue = &mut link.ends[side].writer.queue;
-        let queued = queue.iter().position(|(m, _)| {
-            matches!(m, Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. })
-                if (*file, *piece, *offset) == block)
-        });
-        if let Some(index) = queued {
-            queue.remove(index);
+        if link.ends[side].writer.cancel(block) {
             self.counters.blocks_cancelled += 1;
         }
     }
@@ -816,6 +812,9 @@ impl<'a> Engine<'a> {
                     }
                     node.handle_input(now, NodeInput::BlockSent { conn, file });
                 }
+                // The turmoil engine's driver hashes inline too: the
+                // answer is in before the next event.
+                NodeOutput::VerifyPiece(job) => node.handle_input(now, NodeInput::PieceHashed(job.hash())),
                 NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                     let data = self.shared_piece(&file, piece, data);
                     let failed = self.hosts[host].store.write_piece(&file, piece, data).is_err();
@@ -893,8 +892,9 @@ impl<'a> Engine<'a> {
         self.queue.push(self.now_us + HANDSHAKE_FLIGHTS * latency, Event::Accept { link: id });
     }
 
-    /// The node asked to close: the goodbye goes out behind the frames
-    /// already queued, and our side stops reading.
+    /// The node asked to close: the goodbye goes out ahead of the exchange
+    /// frames queued (the control lane), which are then dropped with the
+    /// writer, and our side stops reading.
     fn goodbye(&mut self, host: u32, link_id: u64, reason: GoodbyeReason) {
         let Some(link) = self.links.get_mut(&link_id) else { return };
         let Some(side) = link.side_of(host) else { return };
@@ -909,7 +909,7 @@ impl<'a> Engine<'a> {
         let Some(&link_id) = self.hosts[host].conns.get(&conn) else { return };
         let Some(link) = self.links.get(&link_id) else { return };
         let Some(side) = link.side_of(host as u32) else { return };
-        if link.ends[side].writer.queue.len() >= self.driver.conn_queue_frames_max {
+        if link.ends[side].writer.len() >= self.driver.conn_queue_frames_max {
             self.counters.slow_peers += 1;
             self.hosts[host].conns.remove(&conn);
             // The driver drops its sender; the writer drains and ends.
@@ -933,7 +933,7 @@ impl<'a> Engine<'a> {
                 self.counters.frames_unencodable += 1;
                 if let Some(link) = self.links.get_mut(&link_id) {
                     link.ends[side].writer.open = false;
-                    link.ends[side].writer.queue.clear();
+                    link.ends[side].writer.clear();
                 }
                 return;
             }
@@ -943,11 +943,11 @@ impl<'a> Engine<'a> {
         if !writer.open {
             return;
         }
-        let idle = writer.queue.is_empty() && writer.busy_until_us <= self.now_us;
-        writer.queue.push_back((message, bytes));
+        let idle = writer.is_empty() && writer.busy_until_us <= self.now_us;
+        writer.push(message, bytes);
         if idle {
             self.write_queued(link_id, side);
-        } else if writer.queue.len() == 1 {
+        } else if writer.len() == 1 {
             let at = writer.busy_until_us;
             self.queue.push(at, Event::WriterReady { link: link_id, side: side as u8 });
         }
@@ -970,7 +970,7 @@ impl<'a> Engine<'a> {
             if !writer.open || writer.busy_until_us > self.now_us {
                 return;
             }
-            let Some((message, bytes)) = writer.queue.pop_front() else { return };
+            let Some((message, bytes)) = writer.pop() else { return };
             let goodbye = matches!(message, Message::Goodbye { .. });
             self.write(link_id, side, message, bytes);
             let Some(link) = self.links.get_mut(&link_id) else { return };
@@ -978,14 +978,14 @@ impl<'a> Engine<'a> {
             if goodbye {
                 // The driver's writer ends after a goodbye.
                 writer.open = false;
-                writer.queue.clear();
+                writer.clear();
                 if link.is_dead() {
                     self.links.remove(&link_id);
                 }
                 return;
             }
             if writer.busy_until_us > self.now_us {
-                if !writer.queue.is_empty() {
+                if !writer.is_empty() {
                     let at = writer.busy_until_us;
                     self.queue.push(at, Event::WriterReady { link: link_id, side: side as u8 });
                 }
