@@ -1,8 +1,8 @@
 //! The Shoal node: THE driver that runs `shoal-core`'s machines over a
 //! transport (tokio TCP for the `shoal` binary, turmoil's simulated network
 //! in `shoal-sim`), plus the disk and memory stores, the CLI and the REST
-//! API. Built by issue 6; this crate currently only fixes its place in the
-//! workspace (`core <- node <- sim <- scenarios`).
+//! API. Its place in the workspace: `core <- node <- sim <- scenarios`;
+//! the README's "The node" section lists what each module does.
 
 pub use shoal_core as core;
 
