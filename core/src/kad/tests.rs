@@ -690,6 +690,43 @@ fn seed_answer_fills_the_table() {
     assert_eq!(asked, vec![0x20, 0x10], "self-lookup continues from the seed's answer, closest to us first");
 }
 
+/// After the self-lookup, only the farther buckets it left empty are
+/// refreshed: a bucket holding contacts already routes into its part of
+/// the key space.
+#[test]
+fn joining_refreshes_only_the_empty_farther_buckets() {
+    let mut kad = machine(KadConfig::default());
+    let seed = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+    kad.bootstrap(Instant::ZERO, &[seed]);
+    let outputs = drain(&mut kad);
+    let Some(KadOutput::SendToAddress { id, .. }) = outputs.first() else { panic!("{outputs:?}") };
+    // Our id is 0xff..: 0x77.. and 0x7f.. fall in bucket 255, 0xdf.. in 253.
+    let seed_contact = Contact { id: NodeId([0x77; 32]), addr: seed };
+    let closer = vec![contact(0x7f), contact(0xdf)];
+    kad.handle_input(
+        Instant::ZERO,
+        KadInput::Response { from: seed_contact, id: *id, response: Response::Nodes { closer } },
+    );
+    // Refresh lookup targets, each asked of up to α contacts.
+    let mut refreshes = std::collections::BTreeSet::new();
+    let mut pending: VecDeque<(Contact, RequestId, Request)> = sends(&drain(&mut kad)).into();
+    while let Some((to, id, request)) = pending.pop_front() {
+        let Request::FindNode { target } = request else { panic!("{request:?}") };
+        if target != [0xff; 32] {
+            refreshes.insert(target);
+        }
+        kad.handle_input(
+            Instant::ZERO,
+            KadInput::Response { from: to, id, response: Response::Nodes { closer: vec![] } },
+        );
+        pending.extend(sends(&drain(&mut kad)));
+    }
+    assert_eq!(kad.table().nearest_bucket(), Some(253));
+    let buckets: Vec<_> = refreshes.iter().map(|t| kad.table().bucket_of(&NodeId(*t))).collect();
+    assert_eq!(buckets, vec![Some(254)], "254 is empty; 255 holds two contacts");
+    assert_eq!(kad.counters().join_refreshes_skipped, 1);
+}
+
 #[test]
 fn late_lookup_answers_do_not_disturb_the_store_round() {
     let config = KadConfig { bucket_size: 2, parallelism: 2, ..KadConfig::default() };
