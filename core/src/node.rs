@@ -42,7 +42,9 @@ use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
 use crate::manifest::FileManifest;
 use crate::time::Instant;
-use crate::wire::{Announcement, Contact, GoodbyeReason, KeywordEntry, Message, Request, RequestId, Topic};
+use crate::wire::{
+    Announcement, Contact, GoodbyeReason, KeywordEntry, Message, Request, RequestId, STANDARD_TOPICS, Topic,
+};
 
 /// What the driver tells the node.
 #[derive(Clone, Debug)]
@@ -321,7 +323,7 @@ impl Node {
         let kad = Kademlia::new(config.kad.clone(), local, sub_seed(), now)?;
         let mut gossip = Gossip::new(config.gossip.clone(), local.id, sub_seed(), now)?;
         let exchange = Exchange::new(config.exchange.clone(), sub_seed());
-        for topic in [Topic::Peers, Topic::Files, Topic::Swarm] {
+        for &topic in STANDARD_TOPICS {
             gossip.handle_input(now, GossipInput::Subscribe(topic));
         }
         let mut node = Self {
@@ -632,7 +634,7 @@ impl Node {
             let entry = self.by_node.entry(peer).or_insert((conn, 0));
             *entry = (conn, entry.1 + 1);
             self.by_addr.entry(addr).or_default().insert(conn);
-            self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer });
+            self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer, implied: STANDARD_TOPICS });
             self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
         }
         for key in [dialed, Some(addr)].into_iter().flatten() {

@@ -21,7 +21,8 @@
 //!   node relays them within a token budget (`peers_relay_per_min`,
 //!   `peers_relay_burst`) and never IHAVEs them, so a stream of joins
 //!   costs each node O(1) frames whatever the network's size;
-//! - a new peer learns all our topics in one `Subscriptions` frame;
+//! - a new peer learns all our topics in one `Subscriptions` frame, or
+//!   none at all for the topics the handshake implies;
 //! - every peer has a rate budget and a penalty; invalid messages and
 //!   floods cost points, a graylisted peer is pruned from every mesh and
 //!   ignored, and past a second threshold it is disconnected (`peer.rs`).
@@ -37,7 +38,7 @@
 //!
 //! ```text
 //! let mut gossip = Gossip::new(GossipConfig::default(), local_id, seed, now)?;
-//! gossip.handle_input(now, GossipInput::PeerConnected { conn, node });
+//! gossip.handle_input(now, GossipInput::PeerConnected { conn, node, implied: STANDARD_TOPICS });
 //! while let Some(output) = gossip.poll_output() { /* send, close, notify */ }
 //! timer.arm(gossip.poll_timeout());
 //! // ... when the timer fires:
@@ -98,6 +99,11 @@ pub enum GossipInput {
         conn: ConnId,
         /// The authenticated peer.
         node: NodeId,
+        /// Topics the handshake implies both ends subscribe to (a Shoal
+        /// node passes [`crate::wire::STANDARD_TOPICS`]; empty for plain
+        /// GossipSub). The peer starts subscribed to them, and we announce
+        /// only how our own topics differ.
+        implied: &'static [Topic],
     },
     /// The connection is gone.
     PeerDisconnected {
@@ -350,7 +356,7 @@ impl Gossip {
     /// Feed one input. Drain [`poll_output`](Self::poll_output) afterwards.
     pub fn handle_input(&mut self, now: Instant, input: GossipInput) {
         match input {
-            GossipInput::PeerConnected { conn, node } => self.on_connected(now, conn, node),
+            GossipInput::PeerConnected { conn, node, implied } => self.on_connected(now, conn, node, implied),
             GossipInput::PeerDisconnected { conn } => self.forget_peer(conn),
             GossipInput::Message { conn, message } => self.on_message(now, conn, message),
             GossipInput::Subscribe(topic) => self.subscribe(now, topic),
@@ -414,7 +420,7 @@ impl Gossip {
         items
     }
 
-    fn on_connected(&mut self, now: Instant, conn: ConnId, node: NodeId) {
+    fn on_connected(&mut self, now: Instant, conn: ConnId, node: NodeId, implied: &[Topic]) {
         if self.peers.contains_key(&conn) {
             return;
         }
@@ -422,12 +428,23 @@ impl Gossip {
             self.counters.peers_rejected += 1;
             return;
         }
-        self.peers.insert(conn, Peer::new(node, now, self.config.peer_messages_burst));
+        let mut peer = Peer::new(node, now, self.config.peer_messages_burst);
+        peer.topics.extend(implied.iter().copied());
+        self.peers.insert(conn, peer);
         // Spec v1.0 §"Subscriptions": announce our topics to each new peer,
-        // all in one frame.
-        if !self.subscriptions.is_empty() {
-            let topics: Vec<Topic> = self.subscriptions.iter().copied().collect();
+        // all in one frame; the implied ones go without saying, and an
+        // implied topic we left is withdrawn.
+        let topics: Vec<Topic> = self.subscriptions.iter().copied().filter(|t| !implied.contains(t)).collect();
+        if !topics.is_empty() {
             self.send(conn, GossipMessage::Subscriptions(topics));
+        }
+        let left: Vec<Topic> = implied.iter().copied().filter(|t| !self.subscriptions.contains(t)).collect();
+        for topic in left {
+            self.send(conn, GossipMessage::Unsubscribe(topic));
+        }
+        // A held publish can go as soon as one subscriber is known.
+        if !implied.is_empty() && !self.unsent.is_empty() {
+            self.flush_unsent(now);
         }
     }
 

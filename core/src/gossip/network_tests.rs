@@ -130,10 +130,10 @@ fn build(seed: u64, warmup: Duration) -> (Network<SimNode>, ChaCha8Rng) {
     }
     for (a, b) in random_edges(&mut rng) {
         net.with_node(a, |m, now| {
-            m.input(now, GossipInput::PeerConnected { conn: ConnId(b as u64), node: node_id(b) })
+            m.input(now, GossipInput::PeerConnected { conn: ConnId(b as u64), node: node_id(b), implied: &[] })
         });
         net.with_node(b, |m, now| {
-            m.input(now, GossipInput::PeerConnected { conn: ConnId(a as u64), node: node_id(a) })
+            m.input(now, GossipInput::PeerConnected { conn: ConnId(a as u64), node: node_id(a), implied: &[] })
         });
     }
     for i in (0..NODES).filter(|&i| subscribes(i)) {
@@ -378,10 +378,10 @@ fn a_joining_node_is_announced_to_every_subscriber() {
     for &peer in &links[..DEGREE_MIN] {
         let conn = |i: NodeIndex| ConnId(i as u64);
         net.with_node(joiner, |m, now| {
-            m.input(now, GossipInput::PeerConnected { conn: conn(peer), node: node_id(peer) })
+            m.input(now, GossipInput::PeerConnected { conn: conn(peer), node: node_id(peer), implied: &[] })
         });
         net.with_node(peer, |m, now| {
-            m.input(now, GossipInput::PeerConnected { conn: conn(joiner), node: node_id(joiner) })
+            m.input(now, GossipInput::PeerConnected { conn: conn(joiner), node: node_id(joiner), implied: &[] })
         });
     }
     let contact =

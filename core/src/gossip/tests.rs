@@ -64,7 +64,7 @@ impl Rig {
     }
 
     fn connect(&mut self, i: u64, subscribe: bool) {
-        self.input(GossipInput::PeerConnected { conn: ConnId(i), node: node(i) });
+        self.input(GossipInput::PeerConnected { conn: ConnId(i), node: node(i), implied: &[] });
         if subscribe {
             self.from(i, GossipMessage::Subscribe(Topic::Files));
         }
@@ -143,10 +143,33 @@ fn subscribing_grafts_d_peers_and_tells_everyone() {
     assert_eq!(rig.mesh(), grafted);
     // A peer connecting later is told all our subscriptions in one frame.
     rig.input(GossipInput::Subscribe(Topic::Peers));
-    let out = rig.input(GossipInput::PeerConnected { conn: ConnId(12), node: node(12) });
+    let out = rig.input(GossipInput::PeerConnected { conn: ConnId(12), node: node(12), implied: &[] });
     assert_eq!(out.len(), 1, "{out:?}");
     let all = GossipMessage::Subscriptions(vec![Topic::Peers, Topic::Files]);
     assert_eq!(sent(&out, |m| *m == all), BTreeSet::from([ConnId(12)]));
+}
+
+/// Topics the handshake implies (Shoal's three) are not announced: a new
+/// peer starts subscribed to them, nothing is sent when ours are the same,
+/// and only the difference goes on the wire otherwise.
+#[test]
+fn implied_topics_go_without_saying() {
+    const IMPLIED: &[Topic] = &[Topic::Peers, Topic::Files];
+    let mut rig = Rig::new(GossipConfig::default());
+    rig.input(GossipInput::Subscribe(Topic::Peers));
+    rig.input(GossipInput::Subscribe(Topic::Files));
+    let out = rig.input(GossipInput::PeerConnected { conn: ConnId(1), node: node(1), implied: IMPLIED });
+    assert!(sent(&out, |_| true).is_empty(), "same topics: nothing to say, {out:?}");
+    // The peer counts as a Files subscriber at once: the heartbeat grafts it.
+    assert_eq!(grafts(&rig.heartbeat()), BTreeSet::from([ConnId(1)]));
+
+    // Subscribed beyond the implied set, and not to one of it.
+    rig.input(GossipInput::Subscribe(Topic::Swarm));
+    rig.input(GossipInput::Unsubscribe(Topic::Peers));
+    let out = rig.input(GossipInput::PeerConnected { conn: ConnId(2), node: node(2), implied: IMPLIED });
+    assert_eq!(sent(&out, |m| *m == GossipMessage::Subscriptions(vec![Topic::Swarm])), BTreeSet::from([ConnId(2)]));
+    assert_eq!(sent(&out, |m| *m == GossipMessage::Unsubscribe(Topic::Peers)), BTreeSet::from([ConnId(2)]));
+    assert_eq!(sent(&out, |_| true).len(), 1, "only to the new peer");
 }
 
 /// A `Subscriptions` frame subscribes the peer to each topic; one with

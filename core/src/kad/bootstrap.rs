@@ -74,9 +74,9 @@ impl Kademlia {
     /// key space; the requests other nodes send us fill it further, and
     /// the idle refresh (`bucket_refresh_interval_ms`) keeps it. mainline
     /// DHT nodes (libtorrent) join with the self-lookup alone. Each refresh
-    /// is a lookup of some 20 requests, each a connection: at 10,000 nodes
-    /// refreshing every short bucket took 3 of every 4 requests the
-    /// network sent, and lookups succeeded as often without it.
+    /// is a lookup of some 20 requests, most of them a new connection: in
+    /// `dht-lookups` at 2,000 nodes, refreshing every short bucket sent
+    /// 721k requests against 408k, for the same lookup success.
     pub(super) fn refresh_after_bootstrap(&mut self, now: Instant) {
         let Some(nearest) = self.table.nearest_bucket() else { return };
         for index in nearest + 1..routing::BUCKETS {

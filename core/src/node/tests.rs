@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::content::{Layout, hash_buf_read};
 use crate::testkit::{Machine, Network, NodeIndex};
+use crate::wire::GossipMessage;
 
 const LATENCY: Duration = Duration::from_millis(20);
 
@@ -380,6 +381,14 @@ fn idle_connections_close_after_the_timeout() {
     let config = Config::default();
     let idle = config.connection_idle_timeout;
     let mut node = node_with_connections(config, 6);
+    // The peers leave the topics the handshake implied, so no gossip mesh
+    // holds their connections open.
+    for conn in 1..=6 {
+        for &topic in STANDARD_TOPICS {
+            let message = Message::Gossip(GossipMessage::Unsubscribe(topic));
+            node.handle_input(Instant::ZERO, NodeInput::Message { conn: ConnId(conn), message });
+        }
+    }
     assert!(closed(&mut node).is_empty());
     let t = |s: u64| Instant::ZERO + Duration::from_secs(s);
     // Peer 3 asks something at 10 s.
