@@ -71,7 +71,13 @@ pub struct RoutingTable {
     replacements_max: usize,
     failures_max: u32,
     fresh: Duration,
+    /// Farthest bucket first: `buckets[j]` is bucket `BUCKETS - 1 - j`,
+    /// and the vector reaches only as deep as a contact or a lookup has
+    /// gone. A network of n nodes fills about log2(n / k) buckets; the
+    /// other two hundred and more would cost 96 bytes each per node.
     buckets: Vec<Bucket>,
+    /// `last_lookup` of a bucket not yet stored (see `touch_all`).
+    untouched_since: Instant,
     /// Bit i set when bucket i holds an entry: lets `closest` skip empty
     /// buckets without touching their (cold) memory.
     occupied: [u64; BUCKETS / 64],
@@ -93,7 +99,8 @@ impl RoutingTable {
             replacements_max,
             failures_max,
             fresh,
-            buckets: vec![Bucket::default(); BUCKETS],
+            buckets: Vec::new(),
+            untouched_since: Instant::ZERO,
             occupied: [0; BUCKETS / 64],
             len: 0,
         }
@@ -123,27 +130,47 @@ impl RoutingTable {
         self.local.distance(id).bucket_index().map(usize::from)
     }
 
+    /// Bucket `index`, if stored.
+    fn at(&self, index: usize) -> Option<&Bucket> {
+        BUCKETS.checked_sub(index + 1).and_then(|j| self.buckets.get(j))
+    }
+
+    /// Bucket `index`, if stored.
+    fn at_mut(&mut self, index: usize) -> Option<&mut Bucket> {
+        BUCKETS.checked_sub(index + 1).and_then(|j| self.buckets.get_mut(j))
+    }
+
+    /// Bucket `index` (`< BUCKETS`), stored now if it was not.
+    fn stored(&mut self, index: usize) -> &mut Bucket {
+        let j = BUCKETS - 1 - index;
+        if self.buckets.len() <= j {
+            let fresh = Bucket { last_lookup: self.untouched_since, ..Bucket::default() };
+            self.buckets.resize(j + 1, fresh);
+        }
+        &mut self.buckets[j]
+    }
+
     /// Every entry, bucket by bucket (nearest bucket first).
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.buckets.iter().flat_map(|b| b.entries.iter())
+        self.buckets.iter().rev().flat_map(|b| b.entries.iter())
     }
 
     /// The entries of bucket `index`, least recently seen first.
     #[must_use]
     pub fn bucket(&self, index: usize) -> &[Entry] {
-        self.buckets.get(index).map_or(&[], |b| &b.entries[..])
+        self.at(index).map_or(&[], |b| &b.entries[..])
     }
 
     /// The replacement cache of bucket `index`, most recent last.
     #[must_use]
     pub fn replacements(&self, index: usize) -> &[Contact] {
-        self.buckets.get(index).map_or(&[], |b| &b.replacements[..])
+        self.at(index).map_or(&[], |b| &b.replacements[..])
     }
 
     /// Whether `id` is held.
     #[must_use]
     pub fn contains(&self, id: &NodeId) -> bool {
-        self.bucket_of(id).is_some_and(|b| self.buckets[b].entries.iter().any(|e| e.contact.id == *id))
+        self.bucket_of(id).is_some_and(|b| self.bucket(b).iter().any(|e| e.contact.id == *id))
     }
 
     /// Whether a new contact with `id` would be inserted at once: its
@@ -151,8 +178,8 @@ impl RoutingTable {
     #[must_use]
     pub fn has_room_for(&self, id: &NodeId) -> bool {
         self.bucket_of(id).is_some_and(|b| {
-            let bucket = &self.buckets[b];
-            bucket.entries.len() < self.bucket_size || bucket.entries.iter().any(|e| e.failures > 0)
+            let entries = self.bucket(b);
+            entries.len() < self.bucket_size || entries.iter().any(|e| e.failures > 0)
         }) && !self.contains(id)
     }
 
@@ -160,8 +187,8 @@ impl RoutingTable {
     /// refresh it (Kademlia §2.2).
     pub fn observe(&mut self, contact: Contact, now: Instant) -> Observed {
         let Some(index) = self.bucket_of(&contact.id) else { return Observed::Local };
-        let k = self.bucket_size;
-        let bucket = &mut self.buckets[index];
+        let (k, replacements_max, fresh) = (self.bucket_size, self.replacements_max, self.fresh);
+        let bucket = self.stored(index);
         if let Some(at) = bucket.entries.iter().position(|e| e.contact.id == contact.id) {
             let mut entry = bucket.entries.remove(at);
             entry.contact = contact;
@@ -192,14 +219,14 @@ impl RoutingTable {
             return Observed::Replaced { evicted };
         }
         bucket.replacements.push(contact);
-        if bucket.replacements.len() > self.replacements_max {
+        if bucket.replacements.len() > replacements_max {
             bucket.replacements.remove(0);
         }
         // Only a head not heard from for `fresh` is worth a ping (BEP 5:
         // nodes seen in the last 15 minutes are "good"); pinging on every
         // newcomer would cost one ping per unknown sender.
         let head = &bucket.entries[0];
-        if bucket.pinging.is_some() || now.saturating_duration_since(head.last_seen) < self.fresh {
+        if bucket.pinging.is_some() || now.saturating_duration_since(head.last_seen) < fresh {
             return Observed::Cached;
         }
         let head = head.contact;
@@ -213,7 +240,7 @@ impl RoutingTable {
     pub fn failed(&mut self, id: &NodeId) -> Option<Contact> {
         let index = self.bucket_of(id)?;
         let failures_max = self.failures_max;
-        let bucket = &mut self.buckets[index];
+        let bucket = self.at_mut(index)?;
         let at = bucket.entries.iter().position(|e| e.contact.id == *id)?;
         if bucket.pinging == Some(*id) {
             bucket.pinging = None;
@@ -236,7 +263,7 @@ impl RoutingTable {
     /// Forget `id` entirely.
     pub fn remove(&mut self, id: &NodeId) -> bool {
         let Some(index) = self.bucket_of(id) else { return false };
-        let bucket = &mut self.buckets[index];
+        let Some(bucket) = self.at_mut(index) else { return false };
         bucket.replacements.retain(|c| c.id != *id);
         let Some(at) = bucket.entries.iter().position(|e| e.contact.id == *id) else { return false };
         bucket.entries.remove(at);
@@ -250,7 +277,7 @@ impl RoutingTable {
 
     fn sync_occupied(&mut self, index: usize) {
         let mask = 1 << (index % 64);
-        if self.buckets[index].entries.is_empty() {
+        if self.bucket(index).is_empty() {
             self.occupied[index / 64] &= !mask;
         } else {
             self.occupied[index / 64] |= mask;
@@ -271,7 +298,7 @@ impl RoutingTable {
         out: &mut Vec<(Distance, &'a Contact)>,
     ) -> bool {
         let start = out.len();
-        for e in &self.buckets[index].entries {
+        for e in self.bucket(index) {
             if e.failures == 0 {
                 out.push((e.contact.id.distance(target), &e.contact));
             }
@@ -322,13 +349,14 @@ impl RoutingTable {
     /// `target` falls in, Kademlia §2.3).
     pub fn touch(&mut self, target: &impl AsKey, now: Instant) {
         if let Some(index) = self.bucket_of(target) {
-            self.buckets[index].last_lookup = now;
+            self.stored(index).last_lookup = now;
         }
     }
 
     /// Count every bucket as looked up at `now` (at start: a fresh node has
     /// no idle buckets yet).
     pub fn touch_all(&mut self, now: Instant) {
+        self.untouched_since = now;
         for bucket in &mut self.buckets {
             bucket.last_lookup = now;
         }
@@ -338,14 +366,14 @@ impl RoutingTable {
     #[must_use]
     pub fn buckets_idle(&self, now: Instant, idle: std::time::Duration) -> Vec<usize> {
         (0..BUCKETS)
-            .filter(|&i| !self.buckets[i].entries.is_empty() && now - self.buckets[i].last_lookup >= idle)
+            .filter(|&i| self.at(i).is_some_and(|b| !b.entries.is_empty() && now - b.last_lookup >= idle))
             .collect()
     }
 
     /// Index of the nearest non-empty bucket (our closest neighbour's).
     #[must_use]
     pub fn nearest_bucket(&self) -> Option<usize> {
-        (0..BUCKETS).find(|&i| !self.buckets[i].entries.is_empty())
+        (0..BUCKETS).find(|&i| self.is_occupied(i))
     }
 
     /// A uniformly random id in bucket `index`: our id with bit `index`
@@ -390,6 +418,26 @@ mod tests {
 
     fn t(s: u64) -> Instant {
         Instant::from_micros(s * 1_000_000)
+    }
+
+    /// Buckets are stored only as deep as contacts and lookups go; a
+    /// bucket stored late starts with the table's last `touch_all`.
+    #[test]
+    fn buckets_are_stored_only_as_deep_as_used() {
+        let mut table = RoutingTable::new(NodeId([0; KEY_BYTES]), 2, 2, 2, Duration::from_secs(60));
+        table.touch_all(t(5));
+        assert_eq!(table.observe(contact(in_bucket(250, 1)), t(6)), Observed::Inserted);
+        assert_eq!(table.buckets.len(), 6, "buckets 255 down to 250");
+        assert_eq!(table.nearest_bucket(), Some(250));
+        assert!(table.bucket(3).is_empty() && table.failed(&in_bucket(3, 0)).is_none());
+        assert!(!table.remove(&in_bucket(3, 0)));
+        assert_eq!(table.buckets.len(), 6, "reads and misses store nothing");
+        table.touch(&in_bucket(200, 0), t(7));
+        assert_eq!(table.buckets.len(), 56);
+        assert_eq!(table.observe(contact(in_bucket(220, 1)), t(8)), Observed::Inserted);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(table.buckets_idle(t(5) + hour, hour), vec![220, 250], "stored late, idle since touch_all");
+        assert_eq!(table.entries().map(|e| e.contact.id).collect::<Vec<_>>(), [in_bucket(220, 1), in_bucket(250, 1)]);
     }
 
     #[test]
