@@ -228,8 +228,23 @@ struct PeerConn {
     /// Last DHT traffic on it, either way (exchange sessions and gossip
     /// meshes keep a connection open by themselves).
     last_used: Instant,
-    /// Our DHT requests in flight on it.
-    requests: BTreeSet<RequestId>,
+    /// Our DHT requests in flight on it, sorted (a few at most: a sorted
+    /// Vec, where a set would allocate a 100-byte node per connection).
+    requests: Vec<RequestId>,
+}
+
+/// Insert `item` into the sorted `set` unless present.
+fn sorted_insert<T: Ord>(set: &mut Vec<T>, item: T) {
+    if let Err(at) = set.binary_search(&item) {
+        set.insert(at, item);
+    }
+}
+
+/// Remove `item` from the sorted `set` if present.
+fn sorted_remove<T: Ord>(set: &mut Vec<T>, item: &T) {
+    if let Ok(at) = set.binary_search(item) {
+        set.remove(at);
+    }
 }
 
 /// Work waiting for a connection to an address.
@@ -289,7 +304,7 @@ pub struct Node {
     by_node: BTreeMap<NodeId, (ConnId, u32)>,
     /// Open connections by the peer's address (a request to a contact goes
     /// on any connection to its address).
-    by_addr: BTreeMap<SocketAddr, BTreeSet<ConnId>>,
+    by_addr: BTreeMap<SocketAddr, Vec<ConnId>>,
     /// When the next idle-connection sweep is due.
     next_idle_sweep: Instant,
     dialing: BTreeMap<SocketAddr, PendingDial>,
@@ -630,10 +645,10 @@ impl Node {
     fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId, addr: SocketAddr, dialed: Option<SocketAddr>) {
         // A repeated report for a known connection only flushes the queue.
         if let std::collections::btree_map::Entry::Vacant(entry) = self.conns.entry(conn) {
-            entry.insert(PeerConn { node: peer, addr, last_used: now, requests: BTreeSet::new() });
+            entry.insert(PeerConn { node: peer, addr, last_used: now, requests: Vec::new() });
             let entry = self.by_node.entry(peer).or_insert((conn, 0));
             *entry = (conn, entry.1 + 1);
-            self.by_addr.entry(addr).or_default().insert(conn);
+            sorted_insert(self.by_addr.entry(addr).or_default(), conn);
             self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer, implied: STANDARD_TOPICS });
             self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
         }
@@ -654,7 +669,7 @@ impl Node {
     fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(peer) = self.conns.remove(&conn) else { return };
         if let Some(set) = self.by_addr.get_mut(&peer.addr) {
-            set.remove(&conn);
+            sorted_remove(set, &conn);
             if set.is_empty() {
                 self.by_addr.remove(&peer.addr);
             }
@@ -723,7 +738,7 @@ impl Node {
         }
         self.requests.insert(id, (conn, now));
         if let Some(peer) = self.conns.get_mut(&conn) {
-            peer.requests.insert(id);
+            sorted_insert(&mut peer.requests, id);
         }
         self.mark_used(now, conn);
     }
@@ -732,7 +747,7 @@ impl Node {
         if let Some((conn, _)) = self.requests.remove(&id)
             && let Some(peer) = self.conns.get_mut(&conn)
         {
-            peer.requests.remove(&id);
+            sorted_remove(&mut peer.requests, &id);
         }
     }
 
