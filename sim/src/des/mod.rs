@@ -103,9 +103,9 @@ enum Event {
     /// A side's writer woke from its upload wait.
     WriterReady { link: u64, side: u8 },
     /// A frame reached the receiver's reader.
-    Arrive { link: u64, to: u8, bytes: u32, message: Box<Message> },
+    Arrive { link: u64, to: u8, bytes: u32, message: Message },
     /// The reader's download wait ended: the driver hands it over.
-    Deliver { link: u64, to: u8, message: Box<Message> },
+    Deliver { link: u64, to: u8, message: Message },
     /// One side learns its connection ended (reset or idle timeout).
     Close { link: u64, side: u8 },
 }
@@ -547,7 +547,7 @@ impl<'a> Engine<'a> {
             Event::Accept { link } => self.accept(link),
             Event::WriterReady { link, side } => self.write_queued(link, usize::from(side)),
             Event::Arrive { link, to, bytes, message } => self.arrive(link, usize::from(to), bytes, message),
-            Event::Deliver { link, to, message } => self.deliver(link, usize::from(to), *message),
+            Event::Deliver { link, to, message } => self.deliver(link, usize::from(to), message),
             Event::Close { link, side } => self.close(link, usize::from(side)),
         }
         Ok(())
@@ -718,7 +718,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn arrive(&mut self, link_id: u64, to: usize, bytes: u32, message: Box<Message>) {
+    fn arrive(&mut self, link_id: u64, to: usize, bytes: u32, message: Message) {
         let Some(link) = self.links.get_mut(&link_id) else { return };
         if link.wedged || !link.ends[to].open {
             self.counters.frames_lost += 1;
@@ -731,7 +731,7 @@ impl<'a> Engine<'a> {
         let now = self.sim_now();
         let wait = self.hosts[host].download.take(u64::from(bytes), now);
         if wait.is_zero() {
-            self.deliver(link_id, to, *message);
+            self.deliver(link_id, to, message);
         } else {
             self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, message });
         }
@@ -1016,7 +1016,7 @@ impl<'a> Engine<'a> {
         let to = 1 - side;
         let at = (now + flight).max(link.last_arrival_us[to]);
         link.last_arrival_us[to] = at;
-        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, message: Box::new(message) });
+        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, message });
     }
 
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {

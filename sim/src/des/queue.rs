@@ -5,28 +5,32 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-struct Entry<E> {
+/// A heap entry: the order key and where the event waits. Events stay put
+/// in the slab while the heap sifts, so a sift moves 24 bytes, not an
+/// event (a frame in flight is a whole `Message`).
+struct Entry {
     at_us: u64,
     seq: u64,
-    event: E,
+    slot: u32,
 }
 
-impl<E> PartialEq for Entry<E> {
+impl PartialEq for Entry {
     fn eq(&self, other: &Self) -> bool {
         (self.at_us, self.seq) == (other.at_us, other.seq)
     }
 }
 
-impl<E> Eq for Entry<E> {}
+impl Eq for Entry {}
 
-impl<E> PartialOrd for Entry<E> {
+impl PartialOrd for Entry {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl<E> Ord for Entry<E> {
+impl Ord for Entry {
     // Reversed: `BinaryHeap` is a max-heap and the earliest event goes first.
+    // `seq` is unique, so `slot` never decides.
     fn cmp(&self, other: &Self) -> Ordering {
         (other.at_us, other.seq).cmp(&(self.at_us, self.seq))
     }
@@ -34,20 +38,38 @@ impl<E> Ord for Entry<E> {
 
 /// A min-heap of timed events; ties run in scheduling order.
 pub(crate) struct EventQueue<E> {
-    heap: BinaryHeap<Entry<E>>,
+    heap: BinaryHeap<Entry>,
+    /// The waiting events, by slot; `None` is a free slot.
+    events: Vec<Option<E>>,
+    /// Free slots, the latest freed last (reused first, while its cache
+    /// line is warm).
+    free: Vec<u32>,
     seq: u64,
     len_max: usize,
 }
 
 impl<E> EventQueue<E> {
     pub(crate) fn new() -> Self {
-        Self { heap: BinaryHeap::new(), seq: 0, len_max: 0 }
+        Self { heap: BinaryHeap::new(), events: Vec::new(), free: Vec::new(), seq: 0, len_max: 0 }
     }
 
     /// Schedule `event` at `at_us` (microseconds of simulated time).
     pub(crate) fn push(&mut self, at_us: u64, event: E) {
         self.seq += 1;
-        self.heap.push(Entry { at_us, seq: self.seq, event });
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.events[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                // More than 2^32 events waiting at once would not fit in
+                // memory long before this.
+                let slot = u32::try_from(self.events.len()).expect("fewer than 2^32 events waiting");
+                self.events.push(Some(event));
+                slot
+            }
+        };
+        self.heap.push(Entry { at_us, seq: self.seq, slot });
         self.len_max = self.len_max.max(self.heap.len());
     }
 
@@ -58,7 +80,11 @@ impl<E> EventQueue<E> {
 
     /// The earliest event and its time.
     pub(crate) fn pop(&mut self) -> Option<(u64, E)> {
-        self.heap.pop().map(|e| (e.at_us, e.event))
+        let entry = self.heap.pop()?;
+        let event = self.events[entry.slot as usize].take();
+        assert!(event.is_some(), "a queued slot holds its event");
+        self.free.push(entry.slot);
+        event.map(|event| (entry.at_us, event))
     }
 
     /// Events ever scheduled.
