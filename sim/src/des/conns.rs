@@ -11,8 +11,50 @@ use shoal_node::core::ids::{ConnId, FileId, PieceIndex};
 use shoal_node::core::wire::{ExchangeMessage, Message};
 use shoal_node::outbox::Lane;
 
+use super::links::LinkId;
+
+/// A host's connections by handle, in handle order (the order a crash
+/// resets them). A sorted `Vec`: a host has at most the driver's
+/// `connections_max` (hundreds), handles are mostly added in increasing
+/// order, and a binary search of a few cache lines beats a tree.
+#[derive(Debug, Default)]
+pub(crate) struct HostConns {
+    by_conn: Vec<(ConnId, LinkId)>,
+}
+
+impl HostConns {
+    pub(crate) fn len(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    fn position(&self, conn: ConnId) -> Result<usize, usize> {
+        self.by_conn.binary_search_by_key(&conn, |&(c, _)| c)
+    }
+
+    pub(crate) fn get(&self, conn: ConnId) -> Option<LinkId> {
+        self.position(conn).ok().map(|i| self.by_conn[i].1)
+    }
+
+    /// Map `conn` to `link`, replacing any link it had.
+    pub(crate) fn insert(&mut self, conn: ConnId, link: LinkId) {
+        match self.position(conn) {
+            Ok(i) => self.by_conn[i].1 = link,
+            Err(i) => self.by_conn.insert(i, (conn, link)),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, conn: ConnId) -> Option<LinkId> {
+        self.position(conn).ok().map(|i| self.by_conn.remove(i).1)
+    }
+
+    /// All of them, in handle order, leaving none.
+    pub(crate) fn take_links(&mut self) -> impl Iterator<Item = LinkId> + use<> {
+        std::mem::take(&mut self.by_conn).into_iter().map(|(_, link)| link)
+    }
+}
+
 /// One side of a connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct End {
     /// Host index.
     pub(crate) host: u32,
@@ -28,12 +70,29 @@ pub(crate) struct End {
     pub(crate) writer: Writer,
 }
 
+/// A side's identity and state without its writer: a copy an event
+/// handler keeps while it changes the link (cloning the [`End`] would
+/// copy the writer's queues' headers too).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EndStatus {
+    pub(crate) host: u32,
+    pub(crate) incarnation: u32,
+    pub(crate) conn: Option<ConnId>,
+    pub(crate) open: bool,
+}
+
+impl End {
+    pub(crate) fn status(&self) -> EndStatus {
+        EndStatus { host: self.host, incarnation: self.incarnation, conn: self.conn, open: self.open }
+    }
+}
+
 /// One side's writer, as the driver's `write_loop`: a frame is written
 /// when the writer is free, then the writer sleeps for the upload
 /// bucket's debt before the next. Its queue has the driver's two lanes
 /// (`shoal_node::outbox`): control frames go before queued exchange
 /// frames, each lane in order, both under one bound.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Writer {
     /// Control, DHT and gossip frames waiting, with their encoded size.
     control: VecDeque<(Message, u32)>,
@@ -85,7 +144,7 @@ impl Writer {
 }
 
 /// A connection between two hosts; side 0 dialled, side 1 accepted.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) ends: [End; 2],
     /// When the dial started (µs), for the handshake timeout.
