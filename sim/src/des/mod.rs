@@ -46,6 +46,7 @@
 //! seed, same trace hash.
 
 mod conns;
+mod frames;
 mod links;
 mod queue;
 
@@ -71,6 +72,7 @@ use crate::observe::{Collector, Fact, Outcome};
 use crate::stores::{FileContent, corrupt_block};
 use crate::turmoil_engine::{PORT, Progress};
 use conns::{HostConns, Link};
+use frames::{FrameId, Frames};
 use links::{LinkId, Links};
 use queue::EventQueue;
 
@@ -98,16 +100,17 @@ enum Event {
     Start { host: u32, incarnation: u32 },
     /// A node's timer.
     Timer { host: u32, incarnation: u32 },
-    /// A dial failed.
-    DialFailed { host: u32, incarnation: u32, addr: SocketAddr },
+    /// A dial failed. (The address is boxed: a rare event should not
+    /// make every event larger.)
+    DialFailed { host: u32, incarnation: u32, addr: Box<SocketAddr> },
     /// The accepting side finished its handshake.
     Accept { link: LinkId },
     /// A side's writer woke from its upload wait.
     WriterReady { link: LinkId, side: u8 },
     /// A frame reached the receiver's reader.
-    Arrive { link: LinkId, to: u8, bytes: u32, message: Message },
+    Arrive { link: LinkId, to: u8, bytes: u32, frame: FrameId },
     /// The reader's download wait ended: the driver hands it over.
-    Deliver { link: LinkId, to: u8, message: Message },
+    Deliver { link: LinkId, to: u8, frame: FrameId },
     /// One side learns its connection ended (reset or idle timeout).
     Close { link: LinkId, side: u8 },
 }
@@ -175,6 +178,7 @@ struct Engine<'a> {
     content_of: BTreeMap<FileId, usize>,
     hosts: Vec<Host>,
     links: Links,
+    frames: Frames,
     queue: EventQueue<Event>,
     now_us: u64,
     collector: Collector,
@@ -329,6 +333,7 @@ impl<'a> Engine<'a> {
             contents,
             hosts,
             links: Links::default(),
+            frames: Frames::default(),
             queue: EventQueue::new(),
             now_us: 0,
             collector: Collector::new(&file_ids),
@@ -541,13 +546,18 @@ impl<'a> Engine<'a> {
                     self.counters.dials_failed += 1;
                     let h = &mut self.hosts[host as usize];
                     h.dialing = h.dialing.saturating_sub(1);
-                    self.with_node(host as usize, |node, now| node.handle_input(now, NodeInput::DialFailed { addr }));
+                    self.with_node(host as usize, |node, now| {
+                        node.handle_input(now, NodeInput::DialFailed { addr: *addr })
+                    });
                 }
             }
             Event::Accept { link } => self.accept(link),
             Event::WriterReady { link, side } => self.write_queued(link, usize::from(side)),
-            Event::Arrive { link, to, bytes, message } => self.arrive(link, usize::from(to), bytes, message),
-            Event::Deliver { link, to, message } => self.deliver(link, usize::from(to), message),
+            Event::Arrive { link, to, bytes, frame } => self.arrive(link, usize::from(to), bytes, frame),
+            Event::Deliver { link, to, frame } => {
+                let message = self.frames.take(frame);
+                self.deliver(link, usize::from(to), message);
+            }
             Event::Close { link, side } => self.close(link, usize::from(side)),
         }
         Ok(())
@@ -596,14 +606,14 @@ impl<'a> Engine<'a> {
             // The acceptor died: the dialer sees the reset.
             self.links.remove(link_id);
             let at = self.now_us + latency;
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         if wedged {
             // Cut mid-handshake: the dialer's handshake times out.
             self.links.remove(link_id);
             let at = (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us);
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         self.bytes_by_kind[FrameKind::Handshake as usize] += 2 * self.handshake_bytes;
@@ -664,7 +674,7 @@ impl<'a> Engine<'a> {
             let at =
                 if wedged { (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us) } else { self.now_us };
             host.dialing += 1; // the DialFailed event settles it
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         if host.conns.len() >= self.driver.connections_max {
@@ -718,11 +728,11 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn arrive(&mut self, link_id: LinkId, to: usize, bytes: u32, message: Message) {
-        let Some(link) = self.links.get_mut(link_id) else { return };
+    fn arrive(&mut self, link_id: LinkId, to: usize, bytes: u32, frame: FrameId) {
+        let Some(link) = self.links.get_mut(link_id) else { return self.frames.drop_frame(frame) };
         if link.wedged || !link.ends[to].open {
             self.counters.frames_lost += 1;
-            return;
+            return self.frames.drop_frame(frame);
         }
         link.last_received_us[to] = self.now_us;
         let host = link.ends[to].host as usize;
@@ -731,9 +741,11 @@ impl<'a> Engine<'a> {
         let now = self.sim_now();
         let wait = self.hosts[host].download.take(u64::from(bytes), now);
         if wait.is_zero() {
+            let message = self.frames.take(frame);
             self.deliver(link_id, to, message);
         } else {
-            self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, message });
+            // The frame waits where it is.
+            self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, frame });
         }
     }
 
@@ -870,7 +882,7 @@ impl<'a> Engine<'a> {
     fn dial(&mut self, host: usize, addr: SocketAddr) {
         let incarnation = self.hosts[host].incarnation;
         let fail = |engine: &mut Self, at| {
-            engine.queue.push(at, Event::DialFailed { host: host as u32, incarnation, addr });
+            engine.queue.push(at, Event::DialFailed { host: host as u32, incarnation, addr: Box::new(addr) });
         };
         let Some(target) = addr_host(addr, self.hosts.len()).filter(|&t| t != host) else {
             return fail(self, self.now_us);
@@ -1014,7 +1026,8 @@ impl<'a> Engine<'a> {
         let to = 1 - side;
         let at = (now + flight).max(link.last_arrival_us[to]);
         link.last_arrival_us[to] = at;
-        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, message });
+        let frame = self.frames.hold(message);
+        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, frame });
     }
 
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {
