@@ -12,16 +12,18 @@
 //! passes over small arrays rather than a binary heap's unpredictable
 //! sifts. Events at the base time wait in scheduling order in `due`.
 //! The order within a time is kept without sorting (see `refill`).
-//! Events themselves stay put in a slab; buckets move 24-byte entries.
+//! Events are small (a frame in flight waits in `Frames`), so they move
+//! with their entries: a slab beside the buckets would cost a cache miss
+//! per event taken.
 
 use std::collections::VecDeque;
 
-/// Where an event waits, and its order key.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
+/// An event and its order key.
+#[derive(Debug)]
+struct Entry<E> {
     at_us: u64,
     seq: u64,
-    slot: u32,
+    event: E,
 }
 
 /// Time buckets: one per bit of a `u64` time.
@@ -33,14 +35,10 @@ pub(crate) struct EventQueue<E> {
     /// be). Nothing may be scheduled before it.
     base_us: u64,
     /// Events at `base_us`, in scheduling order.
-    due: VecDeque<Entry>,
+    due: VecDeque<Entry<E>>,
     /// Bucket `b`: events later than `base_us` whose time's highest bit
     /// that differs from `base_us` is bit `b`.
-    buckets: [Vec<Entry>; BUCKETS],
-    /// The waiting events, by slot; `None` is a free slot.
-    events: Vec<Option<E>>,
-    /// Free slots, the latest freed last (reused first, while warm).
-    free: Vec<u32>,
+    buckets: [Vec<Entry<E>>; BUCKETS],
     len: usize,
     seq: u64,
     len_max: usize,
@@ -52,8 +50,6 @@ impl<E> EventQueue<E> {
             base_us: 0,
             due: VecDeque::new(),
             buckets: std::array::from_fn(|_| Vec::new()),
-            events: Vec::new(),
-            free: Vec::new(),
             len: 0,
             seq: 0,
             len_max: 0,
@@ -69,20 +65,7 @@ impl<E> EventQueue<E> {
     pub(crate) fn push(&mut self, at_us: u64, event: E) {
         assert!(at_us >= self.base_us, "an event is scheduled no earlier than the last one taken");
         self.seq += 1;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.events[slot as usize] = Some(event);
-                slot
-            }
-            None => {
-                // More than 2^32 events waiting at once would not fit in
-                // memory long before this.
-                let slot = u32::try_from(self.events.len()).expect("fewer than 2^32 events waiting");
-                self.events.push(Some(event));
-                slot
-            }
-        };
-        let entry = Entry { at_us, seq: self.seq, slot };
+        let entry = Entry { at_us, seq: self.seq, event };
         if at_us == self.base_us {
             // Scheduled after everything already due at this time.
             self.due.push_back(entry);
@@ -136,10 +119,7 @@ impl<E> EventQueue<E> {
         self.refill();
         let entry = self.due.pop_front()?;
         self.len -= 1;
-        let event = self.events[entry.slot as usize].take();
-        assert!(event.is_some(), "a queued slot holds its event");
-        self.free.push(entry.slot);
-        event.map(|event| (entry.at_us, event))
+        Some((entry.at_us, entry.event))
     }
 
     /// Events ever scheduled.
