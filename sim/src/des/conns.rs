@@ -94,10 +94,11 @@ impl End {
 /// frames, each lane in order, both under one bound.
 #[derive(Debug, Default)]
 pub(crate) struct Writer {
-    /// Control, DHT and gossip frames waiting, with their encoded size.
-    control: VecDeque<(Message, u32)>,
-    /// Exchange frames (blocks among them) waiting, with their encoded size.
-    data: VecDeque<(Message, u32)>,
+    /// Frames waiting; allocated the first time one waits. Most writers
+    /// never wait (no upload limit, or an idle connection), and a link is
+    /// the engine's most numerous object: empty lanes inline would cost
+    /// 64 bytes a side.
+    lanes: Option<Box<Lanes>>,
     /// The writer sleeps until then.
     pub(crate) busy_until_us: u64,
     /// Whether it still writes (it stops after a goodbye, a crash, or when
@@ -105,41 +106,59 @@ pub(crate) struct Writer {
     pub(crate) open: bool,
 }
 
+#[derive(Debug, Default)]
+struct Lanes {
+    /// Control, DHT and gossip frames waiting, with their encoded size.
+    control: VecDeque<(Message, u32)>,
+    /// Exchange frames (blocks among them) waiting, with their encoded size.
+    data: VecDeque<(Message, u32)>,
+}
+
 impl Writer {
     /// Frames waiting in both lanes.
     pub(crate) fn len(&self) -> usize {
-        self.control.len() + self.data.len()
+        self.lanes.as_ref().map_or(0, |l| l.control.len() + l.data.len())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.control.is_empty() && self.data.is_empty()
+        self.lanes.as_ref().is_none_or(|l| l.control.is_empty() && l.data.is_empty())
     }
 
     /// Queue a frame in its lane.
     pub(crate) fn push(&mut self, message: Message, bytes: u32) {
+        let lanes = self.lanes.get_or_insert_with(Box::default);
         match Lane::of(&message) {
-            Lane::Control => self.control.push_back((message, bytes)),
-            Lane::Data => self.data.push_back((message, bytes)),
+            Lane::Control => lanes.control.push_back((message, bytes)),
+            Lane::Data => lanes.data.push_back((message, bytes)),
         }
     }
 
     /// The next frame to write: the control lane's first.
     pub(crate) fn pop(&mut self) -> Option<(Message, u32)> {
-        self.control.pop_front().or_else(|| self.data.pop_front())
+        let lanes = self.lanes.as_mut()?;
+        let frame = lanes.control.pop_front().or_else(|| lanes.data.pop_front());
+        if lanes.control.is_empty() && lanes.data.is_empty() {
+            // Free the lanes with their buffers: a link keeps its writers
+            // for its whole life, most of it idle.
+            self.lanes = None;
+        }
+        frame
     }
 
+    /// Drop the waiting frames and their lanes (every caller also closes
+    /// the writer).
     pub(crate) fn clear(&mut self) {
-        self.control.clear();
-        self.data.clear();
+        self.lanes = None;
     }
 
     /// The driver's `OutboxSender::cancel`: take back a queued block.
     pub(crate) fn cancel(&mut self, block: (FileId, PieceIndex, u32)) -> bool {
-        let queued = self.data.iter().position(|(m, _)| {
+        let Some(lanes) = self.lanes.as_mut() else { return false };
+        let queued = lanes.data.iter().position(|(m, _)| {
             matches!(m, Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. })
                 if (*file, *piece, *offset) == block)
         });
-        queued.and_then(|index| self.data.remove(index)).is_some()
+        queued.and_then(|index| lanes.data.remove(index)).is_some()
     }
 }
 
