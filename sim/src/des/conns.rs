@@ -11,8 +11,50 @@ use shoal_node::core::ids::{ConnId, FileId, PieceIndex};
 use shoal_node::core::wire::{ExchangeMessage, Message};
 use shoal_node::outbox::Lane;
 
+use super::links::LinkId;
+
+/// A host's connections by handle, in handle order (the order a crash
+/// resets them). A sorted `Vec`: a host has at most the driver's
+/// `connections_max` (hundreds), handles are mostly added in increasing
+/// order, and a binary search of a few cache lines beats a tree.
+#[derive(Debug, Default)]
+pub(crate) struct HostConns {
+    by_conn: Vec<(ConnId, LinkId)>,
+}
+
+impl HostConns {
+    pub(crate) fn len(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    fn position(&self, conn: ConnId) -> Result<usize, usize> {
+        self.by_conn.binary_search_by_key(&conn, |&(c, _)| c)
+    }
+
+    pub(crate) fn get(&self, conn: ConnId) -> Option<LinkId> {
+        self.position(conn).ok().map(|i| self.by_conn[i].1)
+    }
+
+    /// Map `conn` to `link`, replacing any link it had.
+    pub(crate) fn insert(&mut self, conn: ConnId, link: LinkId) {
+        match self.position(conn) {
+            Ok(i) => self.by_conn[i].1 = link,
+            Err(i) => self.by_conn.insert(i, (conn, link)),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, conn: ConnId) -> Option<LinkId> {
+        self.position(conn).ok().map(|i| self.by_conn.remove(i).1)
+    }
+
+    /// All of them, in handle order, leaving none.
+    pub(crate) fn take_links(&mut self) -> impl Iterator<Item = LinkId> + use<> {
+        std::mem::take(&mut self.by_conn).into_iter().map(|(_, link)| link)
+    }
+}
+
 /// One side of a connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct End {
     /// Host index.
     pub(crate) host: u32,
@@ -28,17 +70,35 @@ pub(crate) struct End {
     pub(crate) writer: Writer,
 }
 
+/// A side's identity and state without its writer: a copy an event
+/// handler keeps while it changes the link (cloning the [`End`] would
+/// copy the writer's queues' headers too).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EndStatus {
+    pub(crate) host: u32,
+    pub(crate) incarnation: u32,
+    pub(crate) conn: Option<ConnId>,
+    pub(crate) open: bool,
+}
+
+impl End {
+    pub(crate) fn status(&self) -> EndStatus {
+        EndStatus { host: self.host, incarnation: self.incarnation, conn: self.conn, open: self.open }
+    }
+}
+
 /// One side's writer, as the driver's `write_loop`: a frame is written
 /// when the writer is free, then the writer sleeps for the upload
 /// bucket's debt before the next. Its queue has the driver's two lanes
 /// (`shoal_node::outbox`): control frames go before queued exchange
 /// frames, each lane in order, both under one bound.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Writer {
-    /// Control, DHT and gossip frames waiting, with their encoded size.
-    control: VecDeque<(Message, u32)>,
-    /// Exchange frames (blocks among them) waiting, with their encoded size.
-    data: VecDeque<(Message, u32)>,
+    /// Frames waiting; allocated the first time one waits. Most writers
+    /// never wait (no upload limit, or an idle connection), and a link is
+    /// the engine's most numerous object: empty lanes inline would cost
+    /// 64 bytes a side.
+    lanes: Option<Box<Lanes>>,
     /// The writer sleeps until then.
     pub(crate) busy_until_us: u64,
     /// Whether it still writes (it stops after a goodbye, a crash, or when
@@ -46,46 +106,64 @@ pub(crate) struct Writer {
     pub(crate) open: bool,
 }
 
+#[derive(Debug, Default)]
+struct Lanes {
+    /// Control, DHT and gossip frames waiting, with their encoded size.
+    control: VecDeque<(Message, u32)>,
+    /// Exchange frames (blocks among them) waiting, with their encoded size.
+    data: VecDeque<(Message, u32)>,
+}
+
 impl Writer {
     /// Frames waiting in both lanes.
     pub(crate) fn len(&self) -> usize {
-        self.control.len() + self.data.len()
+        self.lanes.as_ref().map_or(0, |l| l.control.len() + l.data.len())
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.control.is_empty() && self.data.is_empty()
+        self.lanes.as_ref().is_none_or(|l| l.control.is_empty() && l.data.is_empty())
     }
 
     /// Queue a frame in its lane.
     pub(crate) fn push(&mut self, message: Message, bytes: u32) {
+        let lanes = self.lanes.get_or_insert_with(Box::default);
         match Lane::of(&message) {
-            Lane::Control => self.control.push_back((message, bytes)),
-            Lane::Data => self.data.push_back((message, bytes)),
+            Lane::Control => lanes.control.push_back((message, bytes)),
+            Lane::Data => lanes.data.push_back((message, bytes)),
         }
     }
 
     /// The next frame to write: the control lane's first.
     pub(crate) fn pop(&mut self) -> Option<(Message, u32)> {
-        self.control.pop_front().or_else(|| self.data.pop_front())
+        let lanes = self.lanes.as_mut()?;
+        let frame = lanes.control.pop_front().or_else(|| lanes.data.pop_front());
+        if lanes.control.is_empty() && lanes.data.is_empty() {
+            // Free the lanes with their buffers: a link keeps its writers
+            // for its whole life, most of it idle.
+            self.lanes = None;
+        }
+        frame
     }
 
+    /// Drop the waiting frames and their lanes (every caller also closes
+    /// the writer).
     pub(crate) fn clear(&mut self) {
-        self.control.clear();
-        self.data.clear();
+        self.lanes = None;
     }
 
     /// The driver's `OutboxSender::cancel`: take back a queued block.
     pub(crate) fn cancel(&mut self, block: (FileId, PieceIndex, u32)) -> bool {
-        let queued = self.data.iter().position(|(m, _)| {
+        let Some(lanes) = self.lanes.as_mut() else { return false };
+        let queued = lanes.data.iter().position(|(m, _)| {
             matches!(m, Message::Exchange(ExchangeMessage::Block { file, piece, offset, .. })
                 if (*file, *piece, *offset) == block)
         });
-        queued.and_then(|index| self.data.remove(index)).is_some()
+        queued.and_then(|index| lanes.data.remove(index)).is_some()
     }
 }
 
 /// A connection between two hosts; side 0 dialled, side 1 accepted.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Link {
     pub(crate) ends: [End; 2],
     /// When the dial started (µs), for the handshake timeout.

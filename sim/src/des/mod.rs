@@ -46,6 +46,8 @@
 //! seed, same trace hash.
 
 mod conns;
+mod frames;
+mod links;
 mod queue;
 
 use std::collections::BTreeMap;
@@ -69,7 +71,9 @@ use crate::model::{Action, Behaviour, EngineKind, Plan, Scenario, derive_seed, p
 use crate::observe::{Collector, Fact, Outcome};
 use crate::stores::{FileContent, corrupt_block};
 use crate::turmoil_engine::{PORT, Progress};
-use conns::Link;
+use conns::{HostConns, Link};
+use frames::{FrameId, Frames};
+use links::{LinkId, Links};
 use queue::EventQueue;
 
 /// Partitions that may be in force at once (one bit each per host).
@@ -96,18 +100,19 @@ enum Event {
     Start { host: u32, incarnation: u32 },
     /// A node's timer.
     Timer { host: u32, incarnation: u32 },
-    /// A dial failed.
-    DialFailed { host: u32, incarnation: u32, addr: SocketAddr },
+    /// A dial failed. (The address is boxed: a rare event should not
+    /// make every event larger.)
+    DialFailed { host: u32, incarnation: u32, addr: Box<SocketAddr> },
     /// The accepting side finished its handshake.
-    Accept { link: u64 },
+    Accept { link: LinkId },
     /// A side's writer woke from its upload wait.
-    WriterReady { link: u64, side: u8 },
+    WriterReady { link: LinkId, side: u8 },
     /// A frame reached the receiver's reader.
-    Arrive { link: u64, to: u8, bytes: u32, message: Box<Message> },
+    Arrive { link: LinkId, to: u8, bytes: u32, frame: FrameId },
     /// The reader's download wait ended: the driver hands it over.
-    Deliver { link: u64, to: u8, message: Box<Message> },
+    Deliver { link: LinkId, to: u8, frame: FrameId },
     /// One side learns its connection ended (reset or idle timeout).
-    Close { link: u64, side: u8 },
+    Close { link: LinkId, side: u8 },
 }
 
 /// A user command waiting for the node to start (the driver's command
@@ -134,7 +139,7 @@ struct Host {
     incarnation: u32,
     /// Survives crashes (the durable store).
     store: MemoryStore,
-    conns: BTreeMap<ConnId, u64>,
+    conns: HostConns,
     next_conn: u64,
     dialing: usize,
     /// Simulated time (µs) its incarnation started: its clock's zero.
@@ -172,8 +177,8 @@ struct Engine<'a> {
     /// Plan file index of each file id.
     content_of: BTreeMap<FileId, usize>,
     hosts: Vec<Host>,
-    links: BTreeMap<u64, Link>,
-    next_link: u64,
+    links: Links,
+    frames: Frames,
     queue: EventQueue<Event>,
     now_us: u64,
     collector: Collector,
@@ -301,7 +306,7 @@ impl<'a> Engine<'a> {
                 state: State::Down,
                 incarnation: 0,
                 store: MemoryStore::new(),
-                conns: BTreeMap::new(),
+                conns: HostConns::default(),
                 next_conn: 1,
                 dialing: 0,
                 epoch_us: 0,
@@ -327,8 +332,8 @@ impl<'a> Engine<'a> {
             content_of: file_ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             contents,
             hosts,
-            links: BTreeMap::new(),
-            next_link: 0,
+            links: Links::default(),
+            frames: Frames::default(),
             queue: EventQueue::new(),
             now_us: 0,
             collector: Collector::new(&file_ids),
@@ -474,8 +479,7 @@ impl<'a> Engine<'a> {
         h.timer_us = None;
         h.dialing = 0;
         h.pending.clear();
-        let conns = std::mem::take(&mut h.conns);
-        for link in conns.into_values() {
+        for link in h.conns.take_links() {
             self.reset(host as u32, link);
         }
     }
@@ -483,14 +487,14 @@ impl<'a> Engine<'a> {
     /// `host`'s side of `link` is gone without a goodbye (a crash): the
     /// peer sees the reset one latency later, unless the link is wedged
     /// (then its idle timeout is already scheduled).
-    fn reset(&mut self, host: u32, link_id: u64) {
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+    fn reset(&mut self, host: u32, link_id: LinkId) {
+        let Some(link) = self.links.get_mut(link_id) else { return };
         let Some(side) = link.side_of(host) else { return };
         link.shut(side);
-        let peer = link.ends[1 - side].clone();
+        let peer = link.ends[1 - side].status();
         let wedged = link.wedged;
         if link.is_dead() {
-            self.links.remove(&link_id);
+            self.links.remove(link_id);
             return;
         }
         if peer.open && !wedged {
@@ -504,7 +508,8 @@ impl<'a> Engine<'a> {
     fn wedge_cut_links(&mut self) {
         let (keepalive, idle) = (micros(self.driver.keepalive_interval), micros(self.driver.idle_timeout));
         let mut closes = Vec::new();
-        for (&id, link) in &mut self.links {
+        for id in self.links.dial_order() {
+            let Some(link) = self.links.get_mut(id) else { continue };
             let (a, b) = (link.ends[0].host, link.ends[1].host);
             if link.wedged || self.hosts[a as usize].partitions == self.hosts[b as usize].partitions {
                 continue;
@@ -541,13 +546,18 @@ impl<'a> Engine<'a> {
                     self.counters.dials_failed += 1;
                     let h = &mut self.hosts[host as usize];
                     h.dialing = h.dialing.saturating_sub(1);
-                    self.with_node(host as usize, |node, now| node.handle_input(now, NodeInput::DialFailed { addr }));
+                    self.with_node(host as usize, |node, now| {
+                        node.handle_input(now, NodeInput::DialFailed { addr: *addr })
+                    });
                 }
             }
             Event::Accept { link } => self.accept(link),
             Event::WriterReady { link, side } => self.write_queued(link, usize::from(side)),
-            Event::Arrive { link, to, bytes, message } => self.arrive(link, usize::from(to), bytes, message),
-            Event::Deliver { link, to, message } => self.deliver(link, usize::from(to), *message),
+            Event::Arrive { link, to, bytes, frame } => self.arrive(link, usize::from(to), bytes, frame),
+            Event::Deliver { link, to, frame } => {
+                let message = self.frames.take(frame);
+                self.deliver(link, usize::from(to), message);
+            }
             Event::Close { link, side } => self.close(link, usize::from(side)),
         }
         Ok(())
@@ -582,28 +592,28 @@ impl<'a> Engine<'a> {
 
     /// The handshake completes on the accepting side, and at the same
     /// instant on the dialling side ([`HANDSHAKE_FLIGHTS`] after the dial).
-    fn accept(&mut self, link_id: u64) {
-        let Some(link) = self.links.get(&link_id) else { return };
-        let (a, b) = (link.ends[0].clone(), link.ends[1].clone());
+    fn accept(&mut self, link_id: LinkId) {
+        let Some(link) = self.links.get(link_id) else { return };
+        let (a, b) = (link.ends[0].status(), link.ends[1].status());
         let (dialed_at, wedged) = (link.dialed_at_us, link.wedged);
         if !self.alive(a.host, a.incarnation) {
-            self.links.remove(&link_id);
+            self.links.remove(link_id);
             return;
         }
         let latency = self.latency_us(a.host, b.host);
         let addr = host_addr(b.host as usize);
         if !self.alive(b.host, b.incarnation) || self.hosts[b.host as usize].node.is_none() {
             // The acceptor died: the dialer sees the reset.
-            self.links.remove(&link_id);
+            self.links.remove(link_id);
             let at = self.now_us + latency;
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         if wedged {
             // Cut mid-handshake: the dialer's handshake times out.
-            self.links.remove(&link_id);
+            self.links.remove(link_id);
             let at = (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us);
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         self.bytes_by_kind[FrameKind::Handshake as usize] += 2 * self.handshake_bytes;
@@ -611,7 +621,7 @@ impl<'a> Engine<'a> {
         if host.conns.len() >= self.driver.connections_max {
             // The driver refuses past `connections_max` with a goodbye.
             self.counters.connections_refused += 1;
-            if let Some(link) = self.links.get_mut(&link_id) {
+            if let Some(link) = self.links.get_mut(link_id) {
                 link.shut(1);
             }
             self.bytes_by_kind[FrameKind::Control as usize] += self.goodbye_bytes();
@@ -621,7 +631,7 @@ impl<'a> Engine<'a> {
         let conn = ConnId(host.next_conn);
         host.next_conn += 1;
         host.conns.insert(conn, link_id);
-        if let Some(link) = self.links.get_mut(&link_id) {
+        if let Some(link) = self.links.get_mut(link_id) {
             link.ends[1].conn = Some(conn);
             link.last_sent_us = [self.now_us; 2];
             link.last_received_us = [self.now_us; 2];
@@ -641,9 +651,9 @@ impl<'a> Engine<'a> {
 
     /// The handshake completes on the dialling side; `refused` when the
     /// acceptor was full and sends a goodbye right behind its proof.
-    fn connected(&mut self, link_id: u64, refused: bool) {
-        let Some(link) = self.links.get(&link_id) else { return };
-        let (a, b) = (link.ends[0].clone(), link.ends[1].clone());
+    fn connected(&mut self, link_id: LinkId, refused: bool) {
+        let Some(link) = self.links.get(link_id) else { return };
+        let (a, b) = (link.ends[0].status(), link.ends[1].status());
         let (dialed_at, wedged) = (link.dialed_at_us, link.wedged);
         let addr = host_addr(b.host as usize);
         if !self.alive(a.host, a.incarnation) {
@@ -655,16 +665,16 @@ impl<'a> Engine<'a> {
         host.dialing = host.dialing.saturating_sub(1);
         if wedged || !a.open {
             // Cut (the handshake times out) or reset before the proof.
-            if let Some(link) = self.links.get_mut(&link_id) {
+            if let Some(link) = self.links.get_mut(link_id) {
                 link.shut(0);
                 if link.is_dead() {
-                    self.links.remove(&link_id);
+                    self.links.remove(link_id);
                 }
             }
             let at =
                 if wedged { (dialed_at + micros(self.driver.handshake_timeout)).max(self.now_us) } else { self.now_us };
             host.dialing += 1; // the DialFailed event settles it
-            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr });
+            self.queue.push(at, Event::DialFailed { host: a.host, incarnation: a.incarnation, addr: Box::new(addr) });
             return;
         }
         if host.conns.len() >= self.driver.connections_max {
@@ -677,7 +687,7 @@ impl<'a> Engine<'a> {
         let conn = ConnId(host.next_conn);
         host.next_conn += 1;
         host.conns.insert(conn, link_id);
-        if let Some(link) = self.links.get_mut(&link_id) {
+        if let Some(link) = self.links.get_mut(link_id) {
             link.ends[0].conn = Some(conn);
             link.last_received_us[0] = self.now_us;
         }
@@ -699,30 +709,30 @@ impl<'a> Engine<'a> {
 
     /// A side's connection ended without it asking: its node hears
     /// `Disconnected` (the driver's reader stopped).
-    fn close(&mut self, link_id: u64, side: usize) {
-        let Some(link) = self.links.get_mut(&link_id) else { return };
-        let end = link.ends[side].clone();
+    fn close(&mut self, link_id: LinkId, side: usize) {
+        let Some(link) = self.links.get_mut(link_id) else { return };
+        let end = link.ends[side].status();
         // The reader stopped; the driver aborts the writer with it.
         link.shut(side);
         if link.is_dead() {
-            self.links.remove(&link_id);
+            self.links.remove(link_id);
         }
         let Some(conn) = end.conn.filter(|_| end.open) else { return };
         if !self.alive(end.host, end.incarnation) {
             return;
         }
         let conns = &mut self.hosts[end.host as usize].conns;
-        if conns.get(&conn) == Some(&link_id) {
-            conns.remove(&conn);
+        if conns.get(conn) == Some(link_id) {
+            conns.remove(conn);
             self.with_node(end.host as usize, |node, now| node.handle_input(now, NodeInput::Disconnected { conn }));
         }
     }
 
-    fn arrive(&mut self, link_id: u64, to: usize, bytes: u32, message: Box<Message>) {
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+    fn arrive(&mut self, link_id: LinkId, to: usize, bytes: u32, frame: FrameId) {
+        let Some(link) = self.links.get_mut(link_id) else { return self.frames.drop_frame(frame) };
         if link.wedged || !link.ends[to].open {
             self.counters.frames_lost += 1;
-            return;
+            return self.frames.drop_frame(frame);
         }
         link.last_received_us[to] = self.now_us;
         let host = link.ends[to].host as usize;
@@ -731,16 +741,18 @@ impl<'a> Engine<'a> {
         let now = self.sim_now();
         let wait = self.hosts[host].download.take(u64::from(bytes), now);
         if wait.is_zero() {
-            self.deliver(link_id, to, *message);
+            let message = self.frames.take(frame);
+            self.deliver(link_id, to, message);
         } else {
-            self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, message });
+            // The frame waits where it is.
+            self.queue.push(self.now_us + micros(wait), Event::Deliver { link: link_id, to: to as u8, frame });
         }
     }
 
     /// The driver's reader hands a frame to the loop: a goodbye ends the
     /// connection, anything else goes to the node.
-    fn deliver(&mut self, link_id: u64, to: usize, message: Message) {
-        let Some(link) = self.links.get(&link_id) else { return };
+    fn deliver(&mut self, link_id: LinkId, to: usize, message: Message) {
+        let Some(link) = self.links.get(link_id) else { return };
         let end = &link.ends[to];
         let (Some(conn), true, false) = (end.conn, end.open, link.wedged) else {
             self.counters.frames_lost += 1;
@@ -754,7 +766,7 @@ impl<'a> Engine<'a> {
             Message::Goodbye { .. } => self.close(link_id, to),
             Message::Keepalive => {}
             message => {
-                if self.hosts[host].conns.get(&conn) == Some(&link_id) {
+                if self.hosts[host].conns.get(conn) == Some(link_id) {
                     self.with_node(host, |node, now| node.handle_input(now, NodeInput::Message { conn, message }));
                 }
             }
@@ -763,8 +775,8 @@ impl<'a> Engine<'a> {
 
     /// The driver's `OutboxSender::cancel`: a peer's `Cancel` takes back a
     /// block still waiting in our writer's queue on that connection (BEP 3).
-    fn take_back(&mut self, link_id: u64, side: usize, block: (FileId, PieceIndex, u32)) {
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+    fn take_back(&mut self, link_id: LinkId, side: usize, block: (FileId, PieceIndex, u32)) {
+        let Some(link) = self.links.get_mut(link_id) else { return };
         if link.ends[side].writer.cancel(block) {
             self.counters.blocks_cancelled += 1;
         }
@@ -821,7 +833,7 @@ impl<'a> Engine<'a> {
                     self.counters.store_errors += u64::from(failed);
                 }
                 NodeOutput::Disconnect { conn, reason } => {
-                    if let Some(link) = self.hosts[host].conns.remove(&conn) {
+                    if let Some(link) = self.hosts[host].conns.remove(conn) {
                         self.goodbye(host as u32, link, reason);
                         node.handle_input(now, NodeInput::Disconnected { conn });
                     }
@@ -870,7 +882,7 @@ impl<'a> Engine<'a> {
     fn dial(&mut self, host: usize, addr: SocketAddr) {
         let incarnation = self.hosts[host].incarnation;
         let fail = |engine: &mut Self, at| {
-            engine.queue.push(at, Event::DialFailed { host: host as u32, incarnation, addr });
+            engine.queue.push(at, Event::DialFailed { host: host as u32, incarnation, addr: Box::new(addr) });
         };
         let Some(target) = addr_host(addr, self.hosts.len()).filter(|&t| t != host) else {
             return fail(self, self.now_us);
@@ -885,18 +897,16 @@ impl<'a> Engine<'a> {
             // No listener: the SYN is refused where it lands.
             return fail(self, self.now_us + latency);
         }
-        let id = self.next_link;
-        self.next_link += 1;
         let target_incarnation = self.hosts[target].incarnation;
-        self.links.insert(id, Link::new((a, incarnation), (b, target_incarnation), self.now_us));
+        let id = self.links.insert(Link::new((a, incarnation), (b, target_incarnation), self.now_us));
         self.queue.push(self.now_us + HANDSHAKE_FLIGHTS * latency, Event::Accept { link: id });
     }
 
     /// The node asked to close: the goodbye goes out ahead of the exchange
     /// frames queued (the control lane), which are then dropped with the
     /// writer, and our side stops reading.
-    fn goodbye(&mut self, host: u32, link_id: u64, reason: GoodbyeReason) {
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+    fn goodbye(&mut self, host: u32, link_id: LinkId, reason: GoodbyeReason) {
+        let Some(link) = self.links.get_mut(link_id) else { return };
         let Some(side) = link.side_of(host) else { return };
         link.ends[side].open = false;
         link.ends[side].conn = None;
@@ -906,14 +916,14 @@ impl<'a> Engine<'a> {
     /// The driver's `send`: only on a connection it knows; a peer whose
     /// writer queue is full is too slow and is disconnected.
     fn send(&mut self, host: usize, node: &mut Node, conn: ConnId, message: Message) {
-        let Some(&link_id) = self.hosts[host].conns.get(&conn) else { return };
-        let Some(link) = self.links.get(&link_id) else { return };
+        let Some(link_id) = self.hosts[host].conns.get(conn) else { return };
+        let Some(link) = self.links.get(link_id) else { return };
         let Some(side) = link.side_of(host as u32) else { return };
         if link.ends[side].writer.len() >= self.driver.conn_queue_frames_max {
             self.counters.slow_peers += 1;
-            self.hosts[host].conns.remove(&conn);
+            self.hosts[host].conns.remove(conn);
             // The driver drops its sender; the writer drains and ends.
-            if let Some(link) = self.links.get_mut(&link_id) {
+            if let Some(link) = self.links.get_mut(link_id) {
                 link.ends[side].open = false;
                 link.ends[side].conn = None;
             }
@@ -925,20 +935,20 @@ impl<'a> Engine<'a> {
 
     /// Hand a frame to a side's writer: written now if it is free, else
     /// queued behind the others.
-    fn enqueue(&mut self, link_id: u64, side: usize, message: Message) {
+    fn enqueue(&mut self, link_id: LinkId, side: usize, message: Message) {
         let bytes = match shoal_node::core::wire::encoded_len(&message, self.frame_bytes_max) {
             Ok(len) => len,
             Err(_) => {
                 // The driver's writer stops on a frame it cannot encode.
                 self.counters.frames_unencodable += 1;
-                if let Some(link) = self.links.get_mut(&link_id) {
+                if let Some(link) = self.links.get_mut(link_id) {
                     link.ends[side].writer.open = false;
                     link.ends[side].writer.clear();
                 }
                 return;
             }
         };
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+        let Some(link) = self.links.get_mut(link_id) else { return };
         let writer = &mut link.ends[side].writer;
         if !writer.open {
             return;
@@ -954,18 +964,18 @@ impl<'a> Engine<'a> {
     }
 
     /// The writer is free: write queued frames until one leaves it asleep.
-    fn write_queued(&mut self, link_id: u64, side: usize) {
+    fn write_queued(&mut self, link_id: LinkId, side: usize) {
         loop {
-            let Some(link) = self.links.get(&link_id) else { return };
+            let Some(link) = self.links.get(link_id) else { return };
             let end = &link.ends[side];
             if !self.alive(end.host, end.incarnation) {
                 // The host crashed with frames queued: they are gone.
-                if let Some(link) = self.links.get_mut(&link_id) {
+                if let Some(link) = self.links.get_mut(link_id) {
                     link.shut(side);
                 }
                 return;
             }
-            let Some(link) = self.links.get_mut(&link_id) else { return };
+            let Some(link) = self.links.get_mut(link_id) else { return };
             let writer = &mut link.ends[side].writer;
             if !writer.open || writer.busy_until_us > self.now_us {
                 return;
@@ -973,14 +983,14 @@ impl<'a> Engine<'a> {
             let Some((message, bytes)) = writer.pop() else { return };
             let goodbye = matches!(message, Message::Goodbye { .. });
             self.write(link_id, side, message, bytes);
-            let Some(link) = self.links.get_mut(&link_id) else { return };
+            let Some(link) = self.links.get_mut(link_id) else { return };
             let writer = &mut link.ends[side].writer;
             if goodbye {
                 // The driver's writer ends after a goodbye.
                 writer.open = false;
                 writer.clear();
                 if link.is_dead() {
-                    self.links.remove(&link_id);
+                    self.links.remove(link_id);
                 }
                 return;
             }
@@ -996,8 +1006,8 @@ impl<'a> Engine<'a> {
 
     /// One frame goes on the wire: counted, charged to the upload bucket
     /// (the writer sleeps for the debt), and in flight to the peer.
-    fn write(&mut self, link_id: u64, side: usize, message: Message, bytes: u32) {
-        let Some(link) = self.links.get(&link_id) else { return };
+    fn write(&mut self, link_id: LinkId, side: usize, message: Message, bytes: u32) {
+        let Some(link) = self.links.get(link_id) else { return };
         let (host, peer) = (link.ends[side].host, link.ends[1 - side].host);
         self.bytes_by_kind[kind_index(&message)] += u64::from(bytes);
         self.frames_by_kind[kind_index(&message)] += 1;
@@ -1006,7 +1016,7 @@ impl<'a> Engine<'a> {
         let wait = self.hosts[host as usize].upload.take(u64::from(bytes), now_d);
         let flight = self.flight_us(host, peer);
         let now = self.now_us;
-        let Some(link) = self.links.get_mut(&link_id) else { return };
+        let Some(link) = self.links.get_mut(link_id) else { return };
         link.ends[side].writer.busy_until_us = now + micros(wait);
         link.last_sent_us[side] = now;
         if link.wedged {
@@ -1016,7 +1026,8 @@ impl<'a> Engine<'a> {
         let to = 1 - side;
         let at = (now + flight).max(link.last_arrival_us[to]);
         link.last_arrival_us[to] = at;
-        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, message: Box::new(message) });
+        let frame = self.frames.hold(message);
+        self.queue.push(at, Event::Arrive { link: link_id, to: to as u8, bytes, frame });
     }
 
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {
