@@ -1033,7 +1033,7 @@ impl<'a> Engine<'a> {
     fn finish(mut self, sim_time: Duration, rss: Option<(u64, u64)>) -> RunResult<Outcome> {
         // Node counters summed over the hosts up at the end.
         type Counter = (&'static str, fn(&Node) -> u64);
-        let node_counters: [Counter; 13] = [
+        let node_counters: [Counter; 14] = [
             ("node_responses_unexpected", |n| n.counters().responses_unexpected),
             ("node_dial_queue_full", |n| n.counters().dial_queue_full),
             ("node_connections_idle_closed", |n| n.counters().connections_idle_closed),
@@ -1045,10 +1045,11 @@ impl<'a> Engine<'a> {
             ("gossip_grafts_sent", |n| n.gossip().counters().grafts_sent),
             ("gossip_prunes_sent", |n| n.gossip().counters().prunes_sent),
             ("gossip_relay_budget_exceeded", |n| n.gossip().counters().relay_budget_exceeded),
+            ("gossip_heartbeats", |n| n.gossip().counters().heartbeats),
             ("kad_requests_sent", |n| n.kad().counters().requests_sent),
             ("kad_join_refreshes_skipped", |n| n.kad().counters().join_refreshes_skipped),
         ];
-        let mut node_sums = [0u64; 13];
+        let mut node_sums = [0u64; 14];
         for node in self.hosts.iter().filter_map(|h| h.node.as_ref()) {
             self.gossip_duplicates += node.gossip().counters().duplicates;
             for (sum, (_, counter)) in node_sums.iter_mut().zip(&node_counters) {
