@@ -228,8 +228,9 @@ struct PeerConn {
     /// Last DHT traffic on it, either way (exchange sessions and gossip
     /// meshes keep a connection open by themselves).
     last_used: Instant,
-    /// Our DHT requests in flight on it, sorted (a few at most: a sorted
-    /// Vec, where a set would allocate a 100-byte node per connection).
+    /// Our DHT requests in flight on it, sorted. Usually one or two, all
+    /// within `requests_tracked_max`: a sorted Vec, where a set would
+    /// allocate a 100-byte node per connection.
     requests: Vec<RequestId>,
 }
 
