@@ -346,6 +346,16 @@ impl Probe {
         self.drain();
     }
 
+    /// Peer `peer` connects on `ConnId(peer)`.
+    fn connect(&mut self, now: Instant, peer: u64) {
+        self.input(now, ExchangeInput::PeerConnected { conn: ConnId(peer), node: node_id(peer as usize) });
+    }
+
+    /// Peer `peer` sends `message`.
+    fn from(&mut self, now: Instant, peer: u64, message: ExchangeMessage) {
+        self.input(now, ExchangeInput::Message { conn: ConnId(peer), message });
+    }
+
     fn drain(&mut self) {
         while let Some(output) = self.exchange.poll_output() {
             match output {
@@ -418,12 +428,11 @@ fn rechoke_rewards_the_fastest_uploaders() {
     let t0 = Instant::ZERO;
     probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
     for peer in 1..=6u64 {
-        let conn = ConnId(peer);
-        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        probe.connect(t0, peer);
         for message in
             [ExchangeMessage::HaveAll { file }, ExchangeMessage::Interested { file }, ExchangeMessage::Unchoke { file }]
         {
-            probe.input(t0, ExchangeInput::Message { conn, message });
+            probe.from(t0, peer, message);
         }
     }
     assert_eq!(probe.unchoked(), vec![1, 2, 3, 4, 5], "free slots go to the first interested peers");
@@ -463,18 +472,17 @@ fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
     let t0 = Instant::ZERO;
     probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: None, have: vec![] });
     for peer in 1..=3u64 {
-        let conn = ConnId(peer);
-        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
-        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+        probe.connect(t0, peer);
+        probe.from(t0, peer, ExchangeMessage::Interested { file });
     }
     assert_eq!(probe.unchoked(), vec![1], "one slot, taken by the first interested peer");
     let t1 = t0 + Duration::from_secs(1);
-    probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::NotInterested { file } });
+    probe.from(t1, 1, ExchangeMessage::NotInterested { file });
     let unchoked = probe.unchoked();
     assert_eq!(unchoked.len(), 1, "peer 1 is choked, a waiting peer gets the slot: {unchoked:?}");
     assert!(unchoked.contains(&2) ^ unchoked.contains(&3), "{unchoked:?}");
     // Renewed interest does not take a slot that is in use.
-    probe.input(t1, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::Interested { file } });
+    probe.from(t1, 1, ExchangeMessage::Interested { file });
     assert_eq!(probe.unchoked(), unchoked, "the slot stays with the interested peer");
 }
 
@@ -494,25 +502,24 @@ fn upload_slots_bound_the_peers_served_whoever_opened() {
     probe.input(t0, ExchangeInput::Seed { manifest, piece_hashes: hashes });
     for peer in 1..=4u64 {
         let conn = ConnId(peer);
-        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
+        probe.connect(t0, peer);
         probe.input(t0, ExchangeInput::Open { conn, file });
     }
     assert!(probe.unchoked().is_empty(), "nobody is unchoked before it is interested");
     for peer in 1..=3u64 {
-        let conn = ConnId(peer);
-        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::HaveNone { file } });
-        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+        probe.from(t0, peer, ExchangeMessage::HaveNone { file });
+        probe.from(t0, peer, ExchangeMessage::Interested { file });
     }
     assert_eq!(probe.unchoked(), vec![1, 2], "two slots, two peers served");
     // Peer 3 waits: peer 1 losing interest hands its slot over at once.
-    probe.input(t0, ExchangeInput::Message { conn: ConnId(1), message: ExchangeMessage::NotInterested { file } });
+    probe.from(t0, 1, ExchangeMessage::NotInterested { file });
     assert_eq!(probe.unchoked(), vec![2, 3]);
     // Nobody waits: peer 2 losing interest keeps its slot...
-    probe.input(t0, ExchangeInput::Message { conn: ConnId(2), message: ExchangeMessage::NotInterested { file } });
+    probe.from(t0, 2, ExchangeMessage::NotInterested { file });
     assert_eq!(probe.unchoked(), vec![2, 3]);
     // ...until peer 4 wants one.
-    probe.input(t0, ExchangeInput::Message { conn: ConnId(4), message: ExchangeMessage::HaveNone { file } });
-    probe.input(t0, ExchangeInput::Message { conn: ConnId(4), message: ExchangeMessage::Interested { file } });
+    probe.from(t0, 4, ExchangeMessage::HaveNone { file });
+    probe.from(t0, 4, ExchangeMessage::Interested { file });
     assert_eq!(probe.unchoked(), vec![3, 4]);
 }
 
@@ -529,10 +536,9 @@ fn an_idle_upload_slot_goes_to_a_waiting_peer() {
     let hashes = content.piece_hashes.clone();
     probe.input(t0, ExchangeInput::Seed { manifest, piece_hashes: hashes });
     for peer in 1..=2u64 {
-        let conn = ConnId(peer);
-        probe.input(t0, ExchangeInput::PeerConnected { conn, node: node_id(peer as usize) });
-        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::HaveNone { file } });
-        probe.input(t0, ExchangeInput::Message { conn, message: ExchangeMessage::Interested { file } });
+        probe.connect(t0, peer);
+        probe.from(t0, peer, ExchangeMessage::HaveNone { file });
+        probe.from(t0, peer, ExchangeMessage::Interested { file });
     }
     assert_eq!(probe.unchoked(), vec![1]);
     // The first check finds peer 1 unchoked for part of the interval

@@ -671,20 +671,26 @@ fn empty_table_retries_bootstrap_with_backoff() {
     assert_eq!(gaps, vec![1_000, 2_000, 4_000]);
 }
 
-#[test]
-fn seed_answer_fills_the_table() {
-    let mut kad = machine(KadConfig::default());
+/// Join through one seed that answers with `closer`: checks the seed is
+/// asked for our own neighbourhood, and returns its contact.
+fn join_through_seed(kad: &mut Kademlia, closer: Vec<Contact>) -> Contact {
     let seed = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
     kad.bootstrap(Instant::ZERO, &[seed]);
-    let outputs = drain(&mut kad);
+    let outputs = drain(kad);
     let Some(KadOutput::SendToAddress { id, request, .. }) = outputs.first() else { panic!("{outputs:?}") };
-    assert_eq!(*request, Request::FindNode { target: [0xff; 32] });
+    assert_eq!(*request, Request::FindNode { target: kad.local().id.0 });
     let seed_contact = Contact { id: NodeId([0x77; 32]), addr: seed };
-    let closer = vec![contact(0x10), contact(0x20)];
     kad.handle_input(
         Instant::ZERO,
         KadInput::Response { from: seed_contact, id: *id, response: Response::Nodes { closer } },
     );
+    seed_contact
+}
+
+#[test]
+fn seed_answer_fills_the_table() {
+    let mut kad = machine(KadConfig::default());
+    let seed_contact = join_through_seed(&mut kad, vec![contact(0x10), contact(0x20)]);
     assert!(kad.table().contains(&seed_contact.id));
     let asked: Vec<u8> = sends(&drain(&mut kad)).iter().map(|(c, ..)| c.id.0[0]).collect();
     assert_eq!(asked, vec![0x20, 0x10], "self-lookup continues from the seed's answer, closest to us first");
@@ -696,17 +702,9 @@ fn seed_answer_fills_the_table() {
 #[test]
 fn joining_refreshes_only_the_empty_farther_buckets() {
     let mut kad = machine(KadConfig::default());
-    let seed = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
-    kad.bootstrap(Instant::ZERO, &[seed]);
-    let outputs = drain(&mut kad);
-    let Some(KadOutput::SendToAddress { id, .. }) = outputs.first() else { panic!("{outputs:?}") };
-    // Our id is 0xff..: 0x77.. and 0x7f.. fall in bucket 255, 0xdf.. in 253.
-    let seed_contact = Contact { id: NodeId([0x77; 32]), addr: seed };
-    let closer = vec![contact(0x7f), contact(0xdf)];
-    kad.handle_input(
-        Instant::ZERO,
-        KadInput::Response { from: seed_contact, id: *id, response: Response::Nodes { closer } },
-    );
+    // Our id is 0xff..: the seed 0x77.. and 0x7f.. fall in bucket 255,
+    // 0xdf.. in 253.
+    join_through_seed(&mut kad, vec![contact(0x7f), contact(0xdf)]);
     // Refresh lookup targets, each asked of up to α contacts.
     let mut refreshes = std::collections::BTreeSet::new();
     let mut pending: VecDeque<(Contact, RequestId, Request)> = sends(&drain(&mut kad)).into();
