@@ -38,7 +38,7 @@ use crate::ids::{FileId, NodeId, PieceIndex};
 use crate::manifest::FileManifest;
 
 /// Encoding version carried by every frame.
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// Protocol version exchanged in the handshake.
 ///
 /// Version 2: a node is subscribed to [`STANDARD_TOPICS`] from the moment
@@ -359,12 +359,14 @@ pub enum ExchangeMessage {
         /// The file.
         file: FileId,
     },
-    /// The sender completed a piece.
+    /// The sender completed these pieces (one, or a batch completed
+    /// within `ExchangeConfig::have_batch_interval`). Not empty, and no
+    /// longer than the file's piece count.
     Have {
         /// The file.
         file: FileId,
-        /// The piece.
-        piece: PieceIndex,
+        /// The pieces.
+        pieces: Vec<PieceIndex>,
     },
     /// Ask for one block.
     Request {

@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn control_frames_go_before_queued_blocks_and_each_lane_keeps_its_order() {
         let (sender, receiver) = outbox(16);
-        let have = Message::Exchange(ExchangeMessage::Have { file: FileId([1; 32]), piece: PieceIndex(3) });
+        let have = Message::Exchange(ExchangeMessage::Have { file: FileId([1; 32]), pieces: vec![PieceIndex(3)] });
         for message in [block(0), ping(1), have.clone(), block(16384), ping(2)] {
             sender.try_send(message).unwrap();
         }

@@ -91,8 +91,9 @@ pub enum Fact {
     GossipPublished {
         /// Message id.
         id: MessageId,
-        /// Whether its topic is broadcast to every node (Files, Swarm), not
-        /// relayed on a budget (Peers; `GossipConfig::peers_relay_per_min`).
+        /// Whether its topic is broadcast to every node (Files), not
+        /// relayed on a budget (Peers, Swarm; `GossipConfig::peers_relay_per_min`
+        /// and `swarm_relay_per_min`).
         broadcast: bool,
     },
     /// A gossip message reached the host.
@@ -175,7 +176,7 @@ impl Collector {
                 Fact::SearchResults { files: entries.iter().map(|e| self.file(&e.file)).collect() }
             }
             NodeEvent::Gossip(GossipEvent::Published { id, topic, .. }) => {
-                Fact::GossipPublished { id: *id, broadcast: *topic != Topic::Peers }
+                Fact::GossipPublished { id: *id, broadcast: *topic == Topic::Files }
             }
             NodeEvent::Gossip(GossipEvent::Delivered { id, .. }) => Fact::GossipDelivered { id: *id },
             NodeEvent::Exchange(ExchangeEvent::PieceVerified { file, piece }) => {

@@ -82,11 +82,12 @@ pub struct Searches {
 /// Gossip.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Gossip {
-    /// Messages published on the broadcast topics (Files, Swarm).
+    /// Messages published on the broadcast topic (Files).
     pub published: usize,
     /// Mean fraction of the hosts up at both the publish and the end that
-    /// received each message. Broadcast topics only (Files, Swarm): Peers
-    /// announcements are relayed on a budget, sampled by design.
+    /// received each message. The broadcast topic only (Files): Peers
+    /// announcements and Swarm notices are relayed on a budget, sampled by
+    /// design.
     pub delivery_ratio: f64,
     /// Copies of already-seen messages per host.
     pub duplicates_per_node: f64,

@@ -32,6 +32,20 @@ pub struct ExchangeConfig {
     /// uploading, and a peer interested in pieces it fetches elsewhere
     /// would hold it idle until the next rechoke.
     pub idle_slot_interval: Duration,
+    /// HAVEs to a peer we choke are batched, Nagle-style: a completed
+    /// piece is announced at once if the session sent no HAVE in the last
+    /// interval, else it waits for the interval's end and goes out with
+    /// the others completed meanwhile, in one message. A peer we unchoke
+    /// hears at once, with anything pending (it may ask for the piece
+    /// now), and so does a choked peer the moment it is unchoked. A peer
+    /// finishing a 16 KiB piece every 16 ms otherwise sends a frame per
+    /// piece to every session: in a 200-peer flash crowd (des, seed 21)
+    /// HAVEs were 90% of all frames. Batching every session at 100 ms cut
+    /// the run's events from 15.0 M to 6.0 M but slowed the news to the
+    /// peers able to act on it (last completion / bound 1.23 → 1.25);
+    /// batching only choked sessions, at 250 ms: 5.3 M events and 1.17.
+    /// Zero sends every HAVE at once.
+    pub have_batch_interval: Duration,
     /// Requests from one peer we hold before rejecting more: bounds the
     /// outgoing block queue per peer (libtorrent's
     /// `max_allowed_in_request_queue` is 500).
@@ -66,6 +80,7 @@ impl Default for ExchangeConfig {
             rechoke_interval: Duration::from_secs(10),
             optimistic_unchoke_interval: Duration::from_secs(30),
             idle_slot_interval: Duration::from_secs(1),
+            have_batch_interval: Duration::from_millis(250),
             requests_queued_per_peer_max: 256,
             strikes_max: 3,
             bans_per_file_max: 1024,

@@ -480,6 +480,7 @@ impl Exchange {
     pub fn handle_timeout(&mut self, now: Instant) {
         for swarm in self.swarms.values_mut() {
             swarm.expire_requests(now, &mut self.out);
+            swarm.flush_haves(now, &mut self.out);
         }
         let optimistic_due = self.next_optimistic.is_some_and(|t| t <= now);
         if self.next_rechoke.is_some_and(|t| t <= now) || optimistic_due {

@@ -36,6 +36,10 @@ pub(super) enum After {
     Redundant,
 }
 
+/// Pieces in one HAVE batch: 4096 varints are at most 20 KiB, well within
+/// a frame, whatever the file's piece count.
+const HAVES_PER_MESSAGE_MAX: usize = 4096;
+
 #[derive(Clone, Debug)]
 struct Session {
     conn: ConnId,
@@ -62,6 +66,11 @@ struct Session {
     /// that it does not have yet.
     peer_pieces: Vec<u8>,
     revealed: Vec<PieceIndex>,
+    /// Pieces completed since the last HAVE, sent at `have_quiet_until`.
+    haves_pending: Vec<PieceIndex>,
+    /// Until then a completed piece waits in `haves_pending`
+    /// (`ExchangeConfig::have_batch_interval`).
+    have_quiet_until: Instant,
 }
 
 /// Fetching a manifest's piece hashes from peers, batch by batch.
@@ -98,6 +107,8 @@ pub(super) struct Swarm {
     /// Our pieces, packed MSB first as on the wire.
     have: Vec<u8>,
     have_count: u32,
+    /// The earliest `have_quiet_until` of a session with HAVEs pending.
+    haves_due: Option<Instant>,
     download: Option<Download>,
     sessions: Vec<Option<Session>>,
     /// Blocks of started pieces, until the piece is complete.
@@ -165,6 +176,7 @@ impl Swarm {
             super_seed: None,
             have: vec![0; pieces.div_ceil(8) as usize],
             have_count: 0,
+            haves_due: None,
             download: None,
             sessions: vec![None; usize::from(config.peers_per_file_max)],
             buffers: BTreeMap::new(),
@@ -273,7 +285,8 @@ impl Swarm {
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
         let hashes = self.hash_fetch.iter().flat_map(|f| f.inflight.values().map(|&(_, at)| at));
-        self.download.as_ref().and_then(Download::poll_timeout).into_iter().chain(hashes).min()
+        let download = self.download.as_ref().and_then(Download::poll_timeout);
+        download.into_iter().chain(hashes).chain(self.haves_due).min()
     }
 
     pub(super) fn set_priority(&mut self, priority: u8) {
@@ -335,6 +348,8 @@ impl Swarm {
             unchoked_since_check: false,
             peer_pieces: if self.super_seed.is_some() { vec![0; self.have.len()] } else { Vec::new() },
             revealed: Vec::new(),
+            haves_pending: Vec::new(),
+            have_quiet_until: Instant::ZERO,
         });
         let file = self.file;
         let announcement = if self.super_seed.is_some() {
@@ -388,6 +403,11 @@ impl Swarm {
         session.am_choking = choking;
         session.choked_requests = 0;
         session.unchoked_since_check = false;
+        if !choking && !session.haves_pending.is_empty() {
+            // It may ask for them now.
+            let pieces = std::mem::take(&mut session.haves_pending);
+            out.push_back(ExchangeOutput::Send { conn: session.conn, message: ExchangeMessage::Have { file, pieces } });
+        }
         let message = if choking { ExchangeMessage::Choke { file } } else { ExchangeMessage::Unchoke { file } };
         self.send(out, slot, message);
     }
@@ -474,8 +494,8 @@ impl Swarm {
             session.revealed.push(PieceIndex(piece));
             reveals.push(PieceIndex(piece));
         }
-        for piece in reveals {
-            self.send(out, slot, ExchangeMessage::Have { file, piece });
+        if !reveals.is_empty() {
+            self.send(out, slot, ExchangeMessage::Have { file, pieces: reveals });
         }
     }
 
@@ -492,6 +512,49 @@ impl Swarm {
             session.revealed.retain(|p| p != piece);
         }
         self.reveal(slot, out);
+    }
+
+    /// Tell the peer at `slot` we hold `piece`. A peer we unchoke may ask
+    /// for it at once, so it hears now (with anything pending); a peer we
+    /// choke cannot, and hears with the batch due at the end of its
+    /// interval unless its session is quiet (`have_batch_interval`).
+    fn announce_piece(&mut self, now: Instant, slot: PeerSlot, piece: PieceIndex, out: &mut VecDeque<ExchangeOutput>) {
+        let (file, interval) = (self.file, self.config.have_batch_interval);
+        let Some(session) = self.session_mut(slot) else { return };
+        session.haves_pending.push(piece);
+        let quiet = session.haves_pending.len() == 1 && session.have_quiet_until <= now;
+        if !session.am_choking || quiet || session.haves_pending.len() >= HAVES_PER_MESSAGE_MAX {
+            session.have_quiet_until = now + interval;
+            let pieces = std::mem::take(&mut session.haves_pending);
+            return out.push_back(ExchangeOutput::Send {
+                conn: session.conn,
+                message: ExchangeMessage::Have { file, pieces },
+            });
+        }
+        let due = session.have_quiet_until;
+        self.haves_due = Some(self.haves_due.map_or(due, |d| d.min(due)));
+    }
+
+    /// Send the HAVE batches whose interval ended.
+    pub(super) fn flush_haves(&mut self, now: Instant, out: &mut VecDeque<ExchangeOutput>) {
+        if self.haves_due.is_none_or(|due| due > now) {
+            return;
+        }
+        let (file, interval) = (self.file, self.config.have_batch_interval);
+        let mut next: Option<Instant> = None;
+        for session in self.sessions.iter_mut().flatten().filter(|s| !s.haves_pending.is_empty()) {
+            if session.have_quiet_until <= now {
+                session.have_quiet_until = now + interval;
+                let pieces = std::mem::take(&mut session.haves_pending);
+                out.push_back(ExchangeOutput::Send {
+                    conn: session.conn,
+                    message: ExchangeMessage::Have { file, pieces },
+                });
+            } else {
+                next = Some(next.map_or(session.have_quiet_until, |n| n.min(session.have_quiet_until)));
+            }
+        }
+        self.haves_due = next;
     }
 
     /// Send requests to fill `slot`'s pipeline: hash batches while the
@@ -711,13 +774,15 @@ impl Swarm {
                 }
                 self.reveal(slot, out);
             }
-            ExchangeMessage::Have { piece, .. } => {
-                if piece.0 >= pieces {
+            ExchangeMessage::Have { pieces: held, .. } => {
+                if held.is_empty() || held.len() > pieces as usize || held.iter().any(|p| p.0 >= pieces) {
                     return Err(Violation::BadRange);
                 }
                 session.announced = true; // a HAVE first implies HaveNone before it
                 if let Some(download) = &mut self.download {
-                    download.peer_have(slot, piece).map_err(|_| Violation::BadRange)?;
+                    for &piece in &held {
+                        download.peer_have(slot, piece).map_err(|_| Violation::BadRange)?;
+                    }
                     // Counted only while downloading; a seed learns of a
                     // peer's completion from the peer's `Leave`.
                     let complete = download.picker().peer_piece_count(slot) == pieces;
@@ -725,7 +790,7 @@ impl Swarm {
                         session.peer_complete = complete;
                     }
                 }
-                self.super_seed_peer_has(slot, &[piece], out);
+                self.super_seed_peer_has(slot, &held, out);
                 self.update_interest(slot, out);
                 self.refill(now, slot, out);
             }
@@ -951,7 +1016,7 @@ impl Swarm {
                 // sent the piece still hear of it: a super seed (BEP 16)
                 // reveals more to a peer once it announces what it got.
                 if !self.peer_holds(slot, piece) || senders.contains(&slot) {
-                    self.send(out, slot, ExchangeMessage::Have { file, piece });
+                    self.announce_piece(now, slot, piece, out);
                 }
                 self.update_interest(slot, out);
             }

@@ -368,6 +368,7 @@ impl Probe {
                     message @ (ExchangeMessage::Leave { .. }
                     | ExchangeMessage::HaveAll { .. }
                     | ExchangeMessage::HaveNone { .. }
+                    | ExchangeMessage::Have { .. }
                     | ExchangeMessage::Bitfield { .. }) => self.sent.push((conn, message)),
                     _ => {}
                 },
@@ -484,6 +485,78 @@ fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
     // Renewed interest does not take a slot that is in use.
     probe.from(t1, 1, ExchangeMessage::Interested { file });
     assert_eq!(probe.unchoked(), unchoked, "the slot stays with the interested peer");
+}
+
+/// A completed piece is announced at once to a peer we unchoke (it may
+/// ask for it now); a peer we choke hears of the first at once and of the
+/// next ones in one batch at the end of `have_batch_interval`, or when
+/// it is unchoked.
+#[test]
+fn haves_reach_unchoked_peers_at_once_and_choked_peers_in_batches() {
+    let (data, content, manifest) = test_file(8, 4);
+    let (file, layout) = (content.file_id, content.layout);
+    let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
+    let interval = config.have_batch_interval;
+    let mut probe = Probe::new(config, 8);
+    let t0 = Instant::ZERO;
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: Some(content.piece_hashes), have: vec![] });
+    probe.add_seed(t0, ConnId(9), file);
+    for peer in 1..=2u64 {
+        probe.connect(t0, peer);
+        probe.from(t0, peer, ExchangeMessage::HaveNone { file });
+        probe.from(t0, peer, ExchangeMessage::Interested { file });
+    }
+    assert_eq!(probe.unchoked(), vec![1], "one slot, taken by the first interested peer");
+    let haves = |probe: &mut Probe, conn: u64| -> Vec<Vec<u32>> {
+        let mut found = Vec::new();
+        probe.sent.retain(|(c, m)| match m {
+            ExchangeMessage::Have { pieces, .. } if c.0 == conn => {
+                found.push(pieces.iter().map(|p| p.0).collect());
+                false
+            }
+            _ => true,
+        });
+        found
+    };
+    // Complete the piece the download asked for first, at `now`.
+    let complete_one = |probe: &mut Probe, now: Instant| -> u32 {
+        let piece = probe.requests.first().map(|r| r.1).expect("a request");
+        while probe.serve(now, ConnId(9), Some(piece), &data, layout, file) > 0 {}
+        for job in std::mem::take(&mut probe.verify) {
+            probe.input(now, ExchangeInput::PieceHashed(job.hash()));
+        }
+        assert!(probe.stored.contains(&piece));
+        piece.0
+    };
+    // Four pieces complete, 10 ms apart.
+    let done: Vec<u32> = (0..4).map(|i| complete_one(&mut probe, t0 + Duration::from_millis(10 * i))).collect();
+    let each: Vec<Vec<u32>> = done.iter().map(|&p| vec![p]).collect();
+    assert_eq!(haves(&mut probe, 1), each, "the unchoked peer hears of each at once");
+    assert_eq!(haves(&mut probe, 2), vec![vec![done[0]]], "the choked peer hears of the first at once");
+    let due = t0 + interval;
+    assert!(probe.exchange.poll_timeout().is_some_and(|t| t <= due));
+    probe.exchange.handle_timeout(due - Duration::from_millis(1));
+    probe.drain();
+    assert!(haves(&mut probe, 2).is_empty(), "nothing before the interval ends");
+    probe.exchange.handle_timeout(due);
+    probe.drain();
+    assert_eq!(haves(&mut probe, 2), vec![done[1..].to_vec()], "the rest in one batch");
+    // The next piece waits a whole interval, but an unchoke sends it at once.
+    let t1 = due + Duration::from_millis(10);
+    let fifth = complete_one(&mut probe, t1);
+    assert!(haves(&mut probe, 2).is_empty());
+    probe.from(t1, 1, ExchangeMessage::NotInterested { file });
+    assert_eq!(probe.unchoked(), vec![2], "peer 2 takes the freed slot");
+    assert_eq!(haves(&mut probe, 2), vec![vec![fifth]], "and hears of the piece with its unchoke");
+    // A HAVE names at least one piece, and only pieces of the file.
+    for (peer, pieces) in [(1, vec![]), (2, vec![PieceIndex(8)])] {
+        probe.from(t1, peer, ExchangeMessage::Have { file, pieces });
+        let last = probe.events.last();
+        assert!(
+            matches!(last, Some(ExchangeEvent::ProtocolViolation { violation: Violation::BadRange, .. })),
+            "{last:?}"
+        );
+    }
 }
 
 /// Sessions we open count against the upload slots like those peers

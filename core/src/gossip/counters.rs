@@ -80,7 +80,7 @@ pub struct GossipCounters {
     pub file_index_evicted: u64,
     /// Outputs dropped because the queue was full.
     pub outputs_dropped: u64,
-    /// Peers announcements delivered but not relayed: over
-    /// `peers_relay_per_min`.
+    /// Peers announcements and Swarm notices delivered but not relayed:
+    /// over `peers_relay_per_min` or `swarm_relay_per_min`.
     pub relay_budget_exceeded: u64,
 }

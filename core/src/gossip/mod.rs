@@ -17,10 +17,11 @@
 //!   missed with IWANT from the message cache (`lazy.rs`, `cache.rs`);
 //! - ids are content hashes (`validate.rs`); a TTL-bounded seen cache makes
 //!   each message reach the application once;
-//! - Files and Swarm are broadcasts; Peers announcements are sampled: a
-//!   node relays them within a token budget (`peers_relay_per_min`,
-//!   `peers_relay_burst`) and never IHAVEs them, so a stream of joins
-//!   costs each node O(1) frames whatever the network's size;
+//! - Files are broadcasts; Peers announcements and Swarm notices are
+//!   sampled: a node relays them within a token budget
+//!   (`peers_relay_per_min`, `swarm_relay_per_min` and their bursts), so a
+//!   stream of joins costs each node O(1) frames whatever the network's
+//!   size; Peers announcements are never IHAVEd;
 //! - a new peer learns all our topics in one `Subscriptions` frame, or
 //!   none at all for the topics the handshake implies;
 //! - every peer has a rate budget and a penalty; invalid messages and
@@ -228,6 +229,8 @@ pub struct Gossip {
     next_heartbeat: Instant,
     /// Budget for relaying Peers announcements (`peers_relay_per_min`).
     peers_relay: TokenBucket,
+    /// Budget for relaying Swarm notices (`swarm_relay_per_min`).
+    swarm_relay: TokenBucket,
     outputs: VecDeque<GossipOutput>,
     counters: GossipCounters,
 }
@@ -347,6 +350,7 @@ impl Gossip {
             next_seq,
             next_heartbeat: now + millis(first_heartbeat_ms),
             peers_relay: TokenBucket::full(now, config.peers_relay_burst),
+            swarm_relay: TokenBucket::full(now, config.swarm_relay_burst),
             outputs: VecDeque::new(),
             counters: GossipCounters::default(),
             config,
@@ -585,9 +589,13 @@ impl Gossip {
             self.counters.unsubscribed_dropped += 1;
             return;
         }
-        if topic == Topic::Peers
-            && !self.peers_relay.take(now, self.config.peers_relay_per_min, self.config.peers_relay_burst)
-        {
+        let c = &self.config;
+        let within_budget = match topic {
+            Topic::Peers => self.peers_relay.take(now, c.peers_relay_per_min, c.peers_relay_burst),
+            Topic::Swarm => self.swarm_relay.take(now, c.swarm_relay_per_min, c.swarm_relay_burst),
+            Topic::Files => true,
+        };
+        if !within_budget {
             // Over the relay budget: ours to read, not to spread.
             self.counters.relay_budget_exceeded += 1;
             self.counters.delivered += 1;

@@ -122,7 +122,8 @@ fn arb_exchange() -> impl Strategy<Value = ExchangeMessage> {
         arb_file().prop_map(|file| ExchangeMessage::HaveAll { file }),
         arb_file().prop_map(|file| ExchangeMessage::HaveNone { file }),
         arb_file().prop_map(|file| ExchangeMessage::Leave { file }),
-        (arb_file(), arb_piece()).prop_map(|(file, piece)| ExchangeMessage::Have { file, piece }),
+        (arb_file(), proptest::collection::vec(arb_piece(), 1..8))
+            .prop_map(|(file, pieces)| ExchangeMessage::Have { file, pieces }),
         span().prop_map(|(file, piece, offset, length)| ExchangeMessage::Request { file, piece, offset, length }),
         (arb_file(), arb_piece(), any::<u32>(), vec(any::<u8>(), 0..(BLOCK_BYTES as usize + 1))).prop_map(
             |(file, piece, offset, data)| ExchangeMessage::Block { file, piece, offset, data: Bytes::from(data) }
