@@ -26,4 +26,5 @@ pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time;
+pub mod vec_map;
 pub mod wire;

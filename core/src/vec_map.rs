@@ -1,0 +1,223 @@
+//! [`VecMap`]: an ordered map kept as one sorted `Vec` of pairs, for the
+//! per-connection tables every machine holds (the node's connections,
+//! gossip's peers, the exchange's sessions).
+//!
+//! Why not a `BTreeMap`: a node holds up to `connections_target` (192)
+//! connections in each of those tables, and a simulator holds 10^5 nodes.
+//! Connection handles are handed out in increasing order, and a B-tree fed
+//! ascending keys splits its leaves half full, each with its own header
+//! and allocation; a sorted `Vec` holds the same entries in one buffer,
+//! a binary search away, and appends at the end. Removing from the middle
+//! moves the tail, a few kilobytes at most for these tables.
+//!
+//! Iteration is in key order, as a `BTreeMap`'s, so swapping one for the
+//! other changes no outcome.
+
+use std::borrow::Borrow;
+
+/// A map ordered by key, stored as a sorted `Vec` of `(key, value)` (module
+/// docs). Meant for tens to hundreds of entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VecMap<K, V> {
+    entries: Vec<(K, V)>,
+}
+
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        Self { entries: Vec::new() }
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    /// An empty map (allocates nothing).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Entries held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn position<Q: Ord + ?Sized>(&self, key: &Q) -> Result<usize, usize>
+    where
+        K: Borrow<Q>,
+    {
+        self.entries.binary_search_by(|(k, _)| k.borrow().cmp(key))
+    }
+
+    /// The value of `key`.
+    pub fn get<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        self.position(key).ok().map(|i| &self.entries[i].1)
+    }
+
+    /// The value of `key`, to change.
+    pub fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        self.position(key).ok().map(|i| &mut self.entries[i].1)
+    }
+
+    /// Whether `key` is held.
+    pub fn contains_key<Q: Ord + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+    {
+        self.position(key).is_ok()
+    }
+
+    /// Set `key` to `value`; the value it had, if any.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.position(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                self.entries.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    /// The value of `key`, inserted from `value` first if absent.
+    pub fn get_or_insert_with(&mut self, key: K, value: impl FnOnce() -> V) -> &mut V {
+        let i = match self.position(&key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.entries.insert(i, (key, value()));
+                i
+            }
+        };
+        &mut self.entries[i].1
+    }
+
+    /// Take `key` out; its value, if it was held. Gives memory back once
+    /// the map has shrunk to a quarter of its buffer (a node's tables
+    /// shrink after a burst of connections).
+    pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        let i = self.position(key).ok()?;
+        let (_, value) = self.entries.remove(i);
+        if self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+        Some(value)
+    }
+
+    /// Keep only the entries `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        self.entries.retain_mut(|(k, v)| keep(k, v));
+    }
+
+    /// The entry with the smallest key.
+    #[must_use]
+    pub fn first_key_value(&self) -> Option<(&K, &V)> {
+        self.entries.first().map(|(k, v)| (k, v))
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> + ExactSizeIterator {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Entries in key order, values to change.
+    pub fn iter_mut(&mut self) -> impl DoubleEndedIterator<Item = (&K, &mut V)> + ExactSizeIterator {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+    }
+
+    /// Keys in order.
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> + ExactSizeIterator {
+        self.entries.iter().map(|(k, _)| k)
+    }
+
+    /// Values in key order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    /// Values in key order, to change.
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
+        self.entries.iter_mut().map(|(_, v)| v)
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
+    /// Later pairs win over earlier ones with the same key, as for a
+    /// `BTreeMap`.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        let mut map = Self::new();
+        for (k, v) in pairs {
+            map.insert(k, v);
+        }
+        map
+    }
+}
+
+impl<K, V> IntoIterator for VecMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+
+    /// Entries in key order.
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::rngs::ChaCha8Rng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+
+    /// Random inserts, removals and updates give the same contents, in the
+    /// same order, as a `BTreeMap`.
+    #[test]
+    fn behaves_as_a_btree_map() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (mut map, mut reference) = (VecMap::new(), BTreeMap::new());
+        for step in 0..5_000u32 {
+            let key: u16 = rng.random_range(0..300);
+            match rng.random_range(0..4) {
+                0 => assert_eq!(map.remove(&key), reference.remove(&key), "step {step}"),
+                1 => {
+                    *map.get_or_insert_with(key, || 0) += 1;
+                    *reference.entry(key).or_insert(0) += 1;
+                }
+                _ => assert_eq!(map.insert(key, step), reference.insert(key, step), "step {step}"),
+            }
+            assert_eq!(map.get(&key), reference.get(&key), "step {step}");
+        }
+        assert!(map.iter().eq(reference.iter()));
+        assert_eq!(map.len(), reference.len());
+        assert_eq!(map.first_key_value(), reference.first_key_value());
+        map.retain(|k, _| k % 2 == 0);
+        reference.retain(|k, _| k % 2 == 0);
+        assert!(map.into_iter().eq(reference));
+    }
+
+    #[test]
+    fn a_drained_map_gives_its_buffer_back() {
+        let mut map: VecMap<u32, [u8; 64]> = (0..1_000).map(|k| (k, [0; 64])).collect();
+        let full = map.entries.capacity();
+        for k in 0..990 {
+            map.remove(&k);
+        }
+        assert!(map.entries.capacity() < full / 4, "{} of {full}", map.entries.capacity());
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), (990..1_000).collect::<Vec<_>>());
+    }
+}
