@@ -84,6 +84,18 @@ pub struct RoutingTable {
     len: usize,
 }
 
+/// Push `item` onto `list`, which holds at most `max`: the buffer doubles
+/// as a `Vec`'s does, but never past `max` (a full bucket of k = 20
+/// would otherwise keep room for 32 entries, in every bucket of every
+/// node).
+fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
+    if list.len() == list.capacity() {
+        let room = (list.len() * 2).clamp(4, max.max(list.len() + 1));
+        list.reserve_exact(room - list.len());
+    }
+    list.push(item);
+}
+
 fn bit(distance: &Distance, index: usize) -> bool {
     distance.0[KEY_BYTES - 1 - index / 8] >> (index % 8) & 1 == 1
 }
@@ -203,7 +215,7 @@ impl RoutingTable {
         bucket.replacements.retain(|c| c.id != contact.id);
         let newcomer = Entry { contact, last_seen: now, failures: 0 };
         if bucket.entries.len() < k {
-            bucket.entries.push(newcomer);
+            push_within(&mut bucket.entries, newcomer, k);
             self.len += 1;
             self.occupied[index / 64] |= 1 << (index % 64);
             return Observed::Inserted;
@@ -218,9 +230,12 @@ impl RoutingTable {
             bucket.entries.push(newcomer);
             return Observed::Replaced { evicted };
         }
-        bucket.replacements.push(contact);
-        if bucket.replacements.len() > replacements_max {
+        // The oldest replacement makes room for the newest.
+        if bucket.replacements.len() >= replacements_max && !bucket.replacements.is_empty() {
             bucket.replacements.remove(0);
+        }
+        if replacements_max > 0 {
+            push_within(&mut bucket.replacements, contact, replacements_max);
         }
         // Only a head not heard from for `fresh` is worth a ping (BEP 5:
         // nodes seen in the last 15 minutes are "good"); pinging on every
