@@ -42,6 +42,7 @@ use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
 use crate::manifest::FileManifest;
 use crate::time::Instant;
+use crate::vec_map::VecMap;
 use crate::wire::{
     Announcement, Contact, GoodbyeReason, KeywordEntry, Message, Request, RequestId, STANDARD_TOPICS, Topic,
 };
@@ -232,6 +233,8 @@ struct PeerConn {
     /// within `requests_tracked_max`: a sorted Vec, where a set would
     /// allocate a 100-byte node per connection.
     requests: Vec<RequestId>,
+    /// Whether the exchange has been told of it ([`Node::exchange_knows`]).
+    exchange: bool,
 }
 
 /// Insert `item` into the sorted `set` unless present.
@@ -299,13 +302,17 @@ pub struct Node {
     kad: Kademlia,
     gossip: Gossip,
     exchange: Exchange,
-    conns: BTreeMap<ConnId, PeerConn>,
+    /// Open connections. This and the two indexes below are sorted `Vec`s
+    /// ([`VecMap`]): a node has up to `connections_target` of them, and in
+    /// B-trees (leaves half full under ascending handles, one allocation
+    /// per address) they were most of a simulated node's memory.
+    conns: VecMap<ConnId, PeerConn>,
     /// Per connected node: the connection to use (the newest), and how
     /// many are open to it.
-    by_node: BTreeMap<NodeId, (ConnId, u32)>,
-    /// Open connections by the peer's address (a request to a contact goes
-    /// on any connection to its address).
-    by_addr: BTreeMap<SocketAddr, Vec<ConnId>>,
+    by_node: VecMap<NodeId, (ConnId, u32)>,
+    /// Open connections by the peer's address, sorted (a request to a
+    /// contact goes on any connection to its address).
+    by_addr: Vec<(SocketAddr, ConnId)>,
     /// When the next idle-connection sweep is due.
     next_idle_sweep: Instant,
     dialing: BTreeMap<SocketAddr, PendingDial>,
@@ -348,9 +355,9 @@ impl Node {
             kad,
             gossip,
             exchange,
-            conns: BTreeMap::new(),
-            by_node: BTreeMap::new(),
-            by_addr: BTreeMap::new(),
+            conns: VecMap::new(),
+            by_node: VecMap::new(),
+            by_addr: Vec::new(),
             next_idle_sweep: now + idle_sweep_interval(config_idle),
             dialing: BTreeMap::new(),
             dial_pending: 0,
@@ -645,13 +652,13 @@ impl Node {
 
     fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId, addr: SocketAddr, dialed: Option<SocketAddr>) {
         // A repeated report for a known connection only flushes the queue.
-        if let std::collections::btree_map::Entry::Vacant(entry) = self.conns.entry(conn) {
-            entry.insert(PeerConn { node: peer, addr, last_used: now, requests: Vec::new() });
-            let entry = self.by_node.entry(peer).or_insert((conn, 0));
+        if !self.conns.contains_key(&conn) {
+            self.conns
+                .insert(conn, PeerConn { node: peer, addr, last_used: now, requests: Vec::new(), exchange: false });
+            let entry = self.by_node.get_or_insert_with(peer, || (conn, 0));
             *entry = (conn, entry.1 + 1);
-            sorted_insert(self.by_addr.entry(addr).or_default(), conn);
+            sorted_insert(&mut self.by_addr, (addr, conn));
             self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer, implied: STANDARD_TOPICS });
-            self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
         }
         for key in [dialed, Some(addr)].into_iter().flatten() {
             let Some(pending) = self.dialing.remove(&key) else { continue };
@@ -661,6 +668,7 @@ impl Node {
                 self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             }
             for file in pending.opens {
+                self.exchange_knows(now, conn);
                 self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             }
         }
@@ -669,12 +677,7 @@ impl Node {
 
     fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(peer) = self.conns.remove(&conn) else { return };
-        if let Some(set) = self.by_addr.get_mut(&peer.addr) {
-            sorted_remove(set, &conn);
-            if set.is_empty() {
-                self.by_addr.remove(&peer.addr);
-            }
-        }
+        sorted_remove(&mut self.by_addr, &(peer.addr, conn));
         if let Some(&(current, open)) = self.by_node.get(&peer.node) {
             if open <= 1 {
                 self.by_node.remove(&peer.node);
@@ -688,11 +691,19 @@ impl Node {
             }
         }
         self.gossip.handle_input(now, GossipInput::PeerDisconnected { conn });
-        self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
+        if peer.exchange {
+            self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
+        }
         for id in peer.requests {
             self.requests.remove(&id);
             self.kad.handle_input(now, KadInput::RequestFailed { id });
         }
+    }
+
+    /// The oldest open connection to `addr`.
+    fn first_conn_to(&self, addr: SocketAddr) -> Option<ConnId> {
+        let at = self.by_addr.partition_point(|&(a, _)| a < addr);
+        self.by_addr.get(at).filter(|&&(a, _)| a == addr).map(|&(_, conn)| conn)
     }
 
     fn contact(&self, conn: ConnId) -> Option<Contact> {
@@ -719,9 +730,27 @@ impl Node {
                 }
             }
             Message::Gossip(message) => self.gossip.handle_input(now, GossipInput::Message { conn, message }),
-            Message::Exchange(message) => self.exchange.handle_input(now, ExchangeInput::Message { conn, message }),
+            Message::Exchange(message) => {
+                self.exchange_knows(now, conn);
+                self.exchange.handle_input(now, ExchangeInput::Message { conn, message });
+            }
             Message::Goodbye { .. } => self.on_disconnected(now, conn),
             _ => self.counters.frames_unexpected += 1,
+        }
+    }
+
+    /// Tell the exchange of `conn` before its first session may open:
+    /// most connections only ever carry a DHT request or two, and an
+    /// exchange entry for each was a tenth of a simulated node's memory.
+    /// Told once: a connection the exchange then forgets (it closes one
+    /// after a violation or a ban) stays forgotten, as when it was told
+    /// at connection time.
+    fn exchange_knows(&mut self, now: Instant, conn: ConnId) {
+        if let Some(peer) = self.conns.get_mut(&conn)
+            && !peer.exchange
+        {
+            peer.exchange = true;
+            self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer.node });
         }
     }
 
@@ -761,9 +790,7 @@ impl Node {
     /// Send a DHT request to `addr` (and `node`, if known), dialling first
     /// if no connection is open.
     fn send_request(&mut self, now: Instant, node: Option<NodeId>, addr: SocketAddr, id: RequestId, request: Request) {
-        let conn = node
-            .and_then(|n| self.by_node.get(&n).map(|&(c, _)| c))
-            .or_else(|| self.by_addr.get(&addr).and_then(|set| set.first().copied()));
+        let conn = node.and_then(|n| self.by_node.get(&n).map(|&(c, _)| c)).or_else(|| self.first_conn_to(addr));
         if let Some(conn) = conn {
             self.track_request(now, id, conn);
             self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
@@ -789,6 +816,7 @@ impl Node {
             return;
         }
         if let Some(&(conn, _)) = self.by_node.get(&peer.id) {
+            self.exchange_knows(now, conn);
             self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             return;
         }
