@@ -22,6 +22,7 @@ pub mod ids;
 pub mod kad;
 pub mod manifest;
 pub mod node;
+pub mod outputs;
 pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

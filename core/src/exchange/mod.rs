@@ -495,7 +495,7 @@ impl Exchange {
 
     /// Next output, until `None`.
     pub fn poll_output(&mut self) -> Option<ExchangeOutput> {
-        self.out.pop_front()
+        crate::outputs::pop_output(&mut self.out)
     }
 
     /// Earliest deadline.

@@ -386,7 +386,7 @@ impl Gossip {
 
     /// The next output, until `None`.
     pub fn poll_output(&mut self) -> Option<GossipOutput> {
-        self.outputs.pop_front()
+        crate::outputs::pop_output(&mut self.outputs)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
