@@ -229,26 +229,13 @@ struct PeerConn {
     /// Last DHT traffic on it, either way (exchange sessions and gossip
     /// meshes keep a connection open by themselves).
     last_used: Instant,
-    /// Our DHT requests in flight on it, sorted. Usually one or two, all
-    /// within `requests_tracked_max`: a sorted Vec, where a set would
-    /// allocate a 100-byte node per connection.
-    requests: Vec<RequestId>,
+    /// How many of our tracked DHT requests are in flight on it (entries
+    /// of `Node::requests` naming it; usually none, one or two). A count,
+    /// not a list: the rare disconnection with requests in flight finds
+    /// them in `Node::requests`, and no connection carries a buffer.
+    requests_inflight: u32,
     /// Whether the exchange has been told of it ([`Node::exchange_knows`]).
     exchange: bool,
-}
-
-/// Insert `item` into the sorted `set` unless present.
-fn sorted_insert<T: Ord>(set: &mut Vec<T>, item: T) {
-    if let Err(at) = set.binary_search(&item) {
-        set.insert(at, item);
-    }
-}
-
-/// Remove `item` from the sorted `set` if present.
-fn sorted_remove<T: Ord>(set: &mut Vec<T>, item: &T) {
-    if let Ok(at) = set.binary_search(item) {
-        set.remove(at);
-    }
 }
 
 /// Work waiting for a connection to an address.
@@ -310,9 +297,9 @@ pub struct Node {
     /// Per connected node: the connection to use (the newest), and how
     /// many are open to it.
     by_node: VecMap<NodeId, (ConnId, u32)>,
-    /// Open connections by the peer's address, sorted (a request to a
-    /// contact goes on any connection to its address).
-    by_addr: Vec<(SocketAddr, ConnId)>,
+    /// Open connections by the peer's address (a request to a contact goes
+    /// on any connection to its address).
+    by_addr: VecMap<(SocketAddr, ConnId), ()>,
     /// When the next idle-connection sweep is due.
     next_idle_sweep: Instant,
     dialing: BTreeMap<SocketAddr, PendingDial>,
@@ -357,7 +344,7 @@ impl Node {
             exchange,
             conns: VecMap::new(),
             by_node: VecMap::new(),
-            by_addr: Vec::new(),
+            by_addr: VecMap::new(),
             next_idle_sweep: now + idle_sweep_interval(config_idle),
             dialing: BTreeMap::new(),
             dial_pending: 0,
@@ -412,7 +399,7 @@ impl Node {
 
     /// Next output, until `None`.
     pub fn poll_output(&mut self) -> Option<NodeOutput> {
-        self.out.pop_front()
+        crate::outputs::pop_output(&mut self.out)
     }
 
     /// Earliest deadline of any machine.
@@ -513,7 +500,9 @@ impl Node {
             [Topic::Peers, Topic::Files, Topic::Swarm].into_iter().flat_map(|t| self.gossip.mesh_peers(t)).collect();
         self.conns
             .iter()
-            .filter(|(conn, p)| p.requests.is_empty() && !meshed.contains(conn) && !self.exchange.has_sessions(**conn))
+            .filter(|(conn, p)| {
+                p.requests_inflight == 0 && !meshed.contains(conn) && !self.exchange.has_sessions(**conn)
+            })
             .map(|(&conn, p)| (p.last_used, conn))
             .collect()
     }
@@ -654,10 +643,10 @@ impl Node {
         // A repeated report for a known connection only flushes the queue.
         if !self.conns.contains_key(&conn) {
             self.conns
-                .insert(conn, PeerConn { node: peer, addr, last_used: now, requests: Vec::new(), exchange: false });
+                .insert(conn, PeerConn { node: peer, addr, last_used: now, requests_inflight: 0, exchange: false });
             let entry = self.by_node.get_or_insert_with(peer, || (conn, 0));
             *entry = (conn, entry.1 + 1);
-            sorted_insert(&mut self.by_addr, (addr, conn));
+            self.by_addr.insert((addr, conn), ());
             self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer, implied: STANDARD_TOPICS });
         }
         for key in [dialed, Some(addr)].into_iter().flatten() {
@@ -677,7 +666,7 @@ impl Node {
 
     fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(peer) = self.conns.remove(&conn) else { return };
-        sorted_remove(&mut self.by_addr, &(peer.addr, conn));
+        self.by_addr.remove(&(peer.addr, conn));
         if let Some(&(current, open)) = self.by_node.get(&peer.node) {
             if open <= 1 {
                 self.by_node.remove(&peer.node);
@@ -694,16 +683,21 @@ impl Node {
         if peer.exchange {
             self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
         }
-        for id in peer.requests {
-            self.requests.remove(&id);
-            self.kad.handle_input(now, KadInput::RequestFailed { id });
+        if peer.requests_inflight > 0 {
+            // In id order, as Kademlia sent them.
+            let failed: Vec<RequestId> =
+                self.requests.iter().filter(|(_, (c, _))| *c == conn).map(|(&id, _)| id).collect();
+            for id in failed {
+                self.requests.remove(&id);
+                self.kad.handle_input(now, KadInput::RequestFailed { id });
+            }
         }
     }
 
     /// The oldest open connection to `addr`.
     fn first_conn_to(&self, addr: SocketAddr) -> Option<ConnId> {
-        let at = self.by_addr.partition_point(|&(a, _)| a < addr);
-        self.by_addr.get(at).filter(|&&(a, _)| a == addr).map(|&(_, conn)| conn)
+        let (&(at, conn), ()) = self.by_addr.first_from(&(addr, ConnId(0)))?;
+        (at == addr).then_some(conn)
     }
 
     fn contact(&self, conn: ConnId) -> Option<Contact> {
@@ -766,9 +760,11 @@ impl Node {
             self.untrack_request(*oldest);
             self.counters.requests_untracked += 1;
         }
+        // Request ids are unique; a repeated one would move, not count twice.
+        self.untrack_request(id);
         self.requests.insert(id, (conn, now));
         if let Some(peer) = self.conns.get_mut(&conn) {
-            sorted_insert(&mut peer.requests, id);
+            peer.requests_inflight += 1;
         }
         self.mark_used(now, conn);
     }
@@ -777,7 +773,7 @@ impl Node {
         if let Some((conn, _)) = self.requests.remove(&id)
             && let Some(peer) = self.conns.get_mut(&conn)
         {
-            sorted_remove(&mut peer.requests, &id);
+            peer.requests_inflight -= 1;
         }
     }
 

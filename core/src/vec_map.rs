@@ -78,11 +78,23 @@ impl<K: Ord, V> VecMap<K, V> {
         self.position(key).is_ok()
     }
 
+    /// Room for one more entry. The buffer grows by an eighth (at least
+    /// four entries), not twice over: these tables stay near their largest
+    /// size for a node's whole life, so the room a doubling leaves (a
+    /// quarter of the buffer on average) would be kept too. Growth stays
+    /// amortised O(1) per entry.
+    fn reserve_one(&mut self) {
+        if self.entries.len() == self.entries.capacity() {
+            self.entries.reserve_exact((self.entries.len() / 8).max(4));
+        }
+    }
+
     /// Set `key` to `value`; the value it had, if any.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         match self.position(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
             Err(i) => {
+                self.reserve_one();
                 self.entries.insert(i, (key, value));
                 None
             }
@@ -94,6 +106,7 @@ impl<K: Ord, V> VecMap<K, V> {
         let i = match self.position(&key) {
             Ok(i) => i,
             Err(i) => {
+                self.reserve_one();
                 self.entries.insert(i, (key, value()));
                 i
             }
@@ -119,6 +132,15 @@ impl<K: Ord, V> VecMap<K, V> {
     /// Keep only the entries `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         self.entries.retain_mut(|(k, v)| keep(k, v));
+    }
+
+    /// The entry with the smallest key at or after `key`.
+    pub fn first_from<Q: Ord + ?Sized>(&self, key: &Q) -> Option<(&K, &V)>
+    where
+        K: Borrow<Q>,
+    {
+        let i = self.position(key).unwrap_or_else(|i| i);
+        self.entries.get(i).map(|(k, v)| (k, v))
     }
 
     /// The entry with the smallest key.
@@ -205,9 +227,22 @@ mod tests {
         assert!(map.iter().eq(reference.iter()));
         assert_eq!(map.len(), reference.len());
         assert_eq!(map.first_key_value(), reference.first_key_value());
+        for key in [0, 150, 299, 300] {
+            assert_eq!(map.first_from(&key), reference.range(key..).next(), "from {key}");
+        }
         map.retain(|k, _| k % 2 == 0);
         reference.retain(|k, _| k % 2 == 0);
         assert!(map.into_iter().eq(reference));
+    }
+
+    #[test]
+    fn the_buffer_grows_by_an_eighth() {
+        let mut map = VecMap::new();
+        for k in 0..1_000u32 {
+            map.insert(k, k);
+            let (len, room) = (map.entries.len(), map.entries.capacity());
+            assert!(room <= (len + len / 8).max(4), "{len} entries, room for {room}");
+        }
     }
 
     #[test]
