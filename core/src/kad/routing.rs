@@ -90,7 +90,7 @@ pub struct RoutingTable {
 /// node).
 fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
     if list.len() == list.capacity() {
-        let room = (list.len() * 2).clamp(4, max.max(list.len() + 1));
+        let room = (list.len() * 2).max(4).min(max.max(list.len() + 1));
         list.reserve_exact(room - list.len());
     }
     list.push(item);
@@ -453,6 +453,21 @@ mod tests {
         let hour = Duration::from_secs(3600);
         assert_eq!(table.buckets_idle(t(5) + hour, hour), vec![220, 250], "stored late, idle since touch_all");
         assert_eq!(table.entries().map(|e| e.contact.id).collect::<Vec<_>>(), [in_bucket(220, 1), in_bucket(250, 1)]);
+    }
+
+    /// A full bucket's buffers hold k entries and `replacements_max`
+    /// replacements, not the next power of two; tiny limits work too.
+    #[test]
+    fn a_full_bucket_keeps_room_for_its_limits_only() {
+        for (k, replacements) in [(20, 10), (2, 1), (1, 0)] {
+            let mut table = RoutingTable::new(NodeId::default(), k, replacements, 3, Duration::from_secs(60));
+            for tag in 1..=40 {
+                table.observe(contact(in_bucket(200, tag)), t(0));
+            }
+            let bucket = table.at(200).unwrap();
+            assert_eq!((bucket.entries.len(), bucket.entries.capacity()), (k, k));
+            assert_eq!((bucket.replacements.len(), bucket.replacements.capacity()), (replacements, replacements));
+        }
     }
 
     #[test]
