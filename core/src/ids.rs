@@ -1,6 +1,7 @@
 //! Identifiers: 256-bit node and file ids in one XOR key space (Kademlia §2),
 //! and the small integer newtypes used across the protocols.
 
+use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
 
@@ -54,10 +55,41 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     Ok(())
 }
 
+/// The order of two keys as big-endian 256-bit integers (the bytes'
+/// lexicographic order, as a derived `Ord` gives), compared a 64-bit word
+/// at a time. The derived order calls `memcmp` for each comparison, and
+/// routing-table sorts, lookups and id-keyed maps make millions of them
+/// (a tenth of a 10,000-node simulation's time).
+fn key_order(a: &[u8; KEY_BYTES], b: &[u8; KEY_BYTES]) -> Ordering {
+    fn words(key: &[u8; KEY_BYTES]) -> [u64; KEY_BYTES / 8] {
+        std::array::from_fn(|i| u64::from_be_bytes(std::array::from_fn(|j| key[8 * i + j])))
+    }
+    words(a).cmp(&words(b))
+}
+
+/// `PartialOrd` and `Ord` by [`key_order`].
+macro_rules! key_ord {
+    ($name:ident) => {
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> Ordering {
+                key_order(&self.0, &other.0)
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+    };
+}
+
 /// XOR distance between two keys (Kademlia §2.1), compared as a big-endian
 /// 256-bit integer: a smaller distance means closer.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Distance(pub [u8; KEY_BYTES]);
+
+key_ord!(Distance);
 
 impl Distance {
     /// Number of leading zero bits: 256 for a zero distance.
@@ -93,8 +125,10 @@ impl fmt::Debug for Distance {
 macro_rules! key_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
         pub struct $name(pub [u8; KEY_BYTES]);
+
+        key_ord!($name);
 
         impl $name {
             /// The raw 32 bytes.
@@ -202,7 +236,30 @@ impl fmt::Debug for ConnId {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::ChaCha8Rng;
+    use rand::{Rng, RngExt, SeedableRng};
+
     use super::*;
+
+    /// The word-wise order is the bytes' lexicographic order, on random
+    /// keys and on keys that differ in one byte only.
+    #[test]
+    fn keys_order_as_their_bytes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..10_000 {
+            let (mut a, mut b) = ([0u8; KEY_BYTES], [0u8; KEY_BYTES]);
+            rng.fill_bytes(&mut a);
+            if rng.random_bool(0.5) {
+                rng.fill_bytes(&mut b);
+            } else {
+                b = a;
+                b[rng.random_range(0..KEY_BYTES)] = rng.random();
+            }
+            assert_eq!(NodeId(a).cmp(&NodeId(b)), a.cmp(&b));
+            assert_eq!(FileId(a).partial_cmp(&FileId(b)), Some(a.cmp(&b)));
+            assert_eq!(Distance(a).cmp(&Distance(b)), a.cmp(&b));
+        }
+    }
 
     fn id_with(prefix: &[u8]) -> NodeId {
         let mut bytes = [0u8; KEY_BYTES];

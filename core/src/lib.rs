@@ -22,8 +22,10 @@ pub mod ids;
 pub mod kad;
 pub mod manifest;
 pub mod node;
+pub mod outputs;
 pub mod scheduler;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod time;
+pub mod vec_map;
 pub mod wire;

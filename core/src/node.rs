@@ -42,6 +42,7 @@ use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::kad::{KadEvent, KadInput, KadOutput, Kademlia, QueryId, QueryResult, QueryStats};
 use crate::manifest::FileManifest;
 use crate::time::Instant;
+use crate::vec_map::VecMap;
 use crate::wire::{
     Announcement, Contact, GoodbyeReason, KeywordEntry, Message, Request, RequestId, STANDARD_TOPICS, Topic,
 };
@@ -228,24 +229,13 @@ struct PeerConn {
     /// Last DHT traffic on it, either way (exchange sessions and gossip
     /// meshes keep a connection open by themselves).
     last_used: Instant,
-    /// Our DHT requests in flight on it, sorted. Usually one or two, all
-    /// within `requests_tracked_max`: a sorted Vec, where a set would
-    /// allocate a 100-byte node per connection.
-    requests: Vec<RequestId>,
-}
-
-/// Insert `item` into the sorted `set` unless present.
-fn sorted_insert<T: Ord>(set: &mut Vec<T>, item: T) {
-    if let Err(at) = set.binary_search(&item) {
-        set.insert(at, item);
-    }
-}
-
-/// Remove `item` from the sorted `set` if present.
-fn sorted_remove<T: Ord>(set: &mut Vec<T>, item: &T) {
-    if let Ok(at) = set.binary_search(item) {
-        set.remove(at);
-    }
+    /// How many of our tracked DHT requests are in flight on it (entries
+    /// of `Node::requests` naming it; usually none, one or two). A count,
+    /// not a list: the rare disconnection with requests in flight finds
+    /// them in `Node::requests`, and no connection carries a buffer.
+    requests_inflight: u32,
+    /// Whether the exchange has been told of it ([`Node::exchange_knows`]).
+    exchange: bool,
 }
 
 /// Work waiting for a connection to an address.
@@ -299,13 +289,17 @@ pub struct Node {
     kad: Kademlia,
     gossip: Gossip,
     exchange: Exchange,
-    conns: BTreeMap<ConnId, PeerConn>,
+    /// Open connections. This and the two indexes below are sorted `Vec`s
+    /// ([`VecMap`]): a node has up to `connections_target` of them, and in
+    /// B-trees (leaves half full under ascending handles, one allocation
+    /// per address) they were most of a simulated node's memory.
+    conns: VecMap<ConnId, PeerConn>,
     /// Per connected node: the connection to use (the newest), and how
     /// many are open to it.
-    by_node: BTreeMap<NodeId, (ConnId, u32)>,
+    by_node: VecMap<NodeId, (ConnId, u32)>,
     /// Open connections by the peer's address (a request to a contact goes
     /// on any connection to its address).
-    by_addr: BTreeMap<SocketAddr, Vec<ConnId>>,
+    by_addr: VecMap<(SocketAddr, ConnId), ()>,
     /// When the next idle-connection sweep is due.
     next_idle_sweep: Instant,
     dialing: BTreeMap<SocketAddr, PendingDial>,
@@ -348,9 +342,9 @@ impl Node {
             kad,
             gossip,
             exchange,
-            conns: BTreeMap::new(),
-            by_node: BTreeMap::new(),
-            by_addr: BTreeMap::new(),
+            conns: VecMap::new(),
+            by_node: VecMap::new(),
+            by_addr: VecMap::new(),
             next_idle_sweep: now + idle_sweep_interval(config_idle),
             dialing: BTreeMap::new(),
             dial_pending: 0,
@@ -405,7 +399,7 @@ impl Node {
 
     /// Next output, until `None`.
     pub fn poll_output(&mut self) -> Option<NodeOutput> {
-        self.out.pop_front()
+        crate::outputs::pop_output(&mut self.out)
     }
 
     /// Earliest deadline of any machine.
@@ -506,7 +500,9 @@ impl Node {
             [Topic::Peers, Topic::Files, Topic::Swarm].into_iter().flat_map(|t| self.gossip.mesh_peers(t)).collect();
         self.conns
             .iter()
-            .filter(|(conn, p)| p.requests.is_empty() && !meshed.contains(conn) && !self.exchange.has_sessions(**conn))
+            .filter(|(conn, p)| {
+                p.requests_inflight == 0 && !meshed.contains(conn) && !self.exchange.has_sessions(**conn)
+            })
             .map(|(&conn, p)| (p.last_used, conn))
             .collect()
     }
@@ -645,13 +641,13 @@ impl Node {
 
     fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId, addr: SocketAddr, dialed: Option<SocketAddr>) {
         // A repeated report for a known connection only flushes the queue.
-        if let std::collections::btree_map::Entry::Vacant(entry) = self.conns.entry(conn) {
-            entry.insert(PeerConn { node: peer, addr, last_used: now, requests: Vec::new() });
-            let entry = self.by_node.entry(peer).or_insert((conn, 0));
+        if !self.conns.contains_key(&conn) {
+            self.conns
+                .insert(conn, PeerConn { node: peer, addr, last_used: now, requests_inflight: 0, exchange: false });
+            let entry = self.by_node.get_or_insert_with(peer, || (conn, 0));
             *entry = (conn, entry.1 + 1);
-            sorted_insert(self.by_addr.entry(addr).or_default(), conn);
+            self.by_addr.insert((addr, conn), ());
             self.gossip.handle_input(now, GossipInput::PeerConnected { conn, node: peer, implied: STANDARD_TOPICS });
-            self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer });
         }
         for key in [dialed, Some(addr)].into_iter().flatten() {
             let Some(pending) = self.dialing.remove(&key) else { continue };
@@ -661,6 +657,7 @@ impl Node {
                 self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
             }
             for file in pending.opens {
+                self.exchange_knows(now, conn);
                 self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             }
         }
@@ -669,12 +666,7 @@ impl Node {
 
     fn on_disconnected(&mut self, now: Instant, conn: ConnId) {
         let Some(peer) = self.conns.remove(&conn) else { return };
-        if let Some(set) = self.by_addr.get_mut(&peer.addr) {
-            sorted_remove(set, &conn);
-            if set.is_empty() {
-                self.by_addr.remove(&peer.addr);
-            }
-        }
+        self.by_addr.remove(&(peer.addr, conn));
         if let Some(&(current, open)) = self.by_node.get(&peer.node) {
             if open <= 1 {
                 self.by_node.remove(&peer.node);
@@ -688,11 +680,24 @@ impl Node {
             }
         }
         self.gossip.handle_input(now, GossipInput::PeerDisconnected { conn });
-        self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
-        for id in peer.requests {
-            self.requests.remove(&id);
-            self.kad.handle_input(now, KadInput::RequestFailed { id });
+        if peer.exchange {
+            self.exchange.handle_input(now, ExchangeInput::PeerDisconnected { conn });
         }
+        if peer.requests_inflight > 0 {
+            // In id order, as Kademlia sent them.
+            let failed: Vec<RequestId> =
+                self.requests.iter().filter(|(_, (c, _))| *c == conn).map(|(&id, _)| id).collect();
+            for id in failed {
+                self.requests.remove(&id);
+                self.kad.handle_input(now, KadInput::RequestFailed { id });
+            }
+        }
+    }
+
+    /// The oldest open connection to `addr`.
+    fn first_conn_to(&self, addr: SocketAddr) -> Option<ConnId> {
+        let (&(at, conn), ()) = self.by_addr.first_from(&(addr, ConnId(0)))?;
+        (at == addr).then_some(conn)
     }
 
     fn contact(&self, conn: ConnId) -> Option<Contact> {
@@ -719,9 +724,27 @@ impl Node {
                 }
             }
             Message::Gossip(message) => self.gossip.handle_input(now, GossipInput::Message { conn, message }),
-            Message::Exchange(message) => self.exchange.handle_input(now, ExchangeInput::Message { conn, message }),
+            Message::Exchange(message) => {
+                self.exchange_knows(now, conn);
+                self.exchange.handle_input(now, ExchangeInput::Message { conn, message });
+            }
             Message::Goodbye { .. } => self.on_disconnected(now, conn),
             _ => self.counters.frames_unexpected += 1,
+        }
+    }
+
+    /// Tell the exchange of `conn` before its first session may open:
+    /// most connections only ever carry a DHT request or two, and an
+    /// exchange entry for each was a tenth of a simulated node's memory.
+    /// Told once: a connection the exchange then forgets (it closes one
+    /// after a violation or a ban) stays forgotten, as when it was told
+    /// at connection time.
+    fn exchange_knows(&mut self, now: Instant, conn: ConnId) {
+        if let Some(peer) = self.conns.get_mut(&conn)
+            && !peer.exchange
+        {
+            peer.exchange = true;
+            self.exchange.handle_input(now, ExchangeInput::PeerConnected { conn, node: peer.node });
         }
     }
 
@@ -737,9 +760,11 @@ impl Node {
             self.untrack_request(*oldest);
             self.counters.requests_untracked += 1;
         }
+        // Request ids are unique; a repeated one would move, not count twice.
+        self.untrack_request(id);
         self.requests.insert(id, (conn, now));
         if let Some(peer) = self.conns.get_mut(&conn) {
-            sorted_insert(&mut peer.requests, id);
+            peer.requests_inflight += 1;
         }
         self.mark_used(now, conn);
     }
@@ -748,7 +773,7 @@ impl Node {
         if let Some((conn, _)) = self.requests.remove(&id)
             && let Some(peer) = self.conns.get_mut(&conn)
         {
-            sorted_remove(&mut peer.requests, &id);
+            peer.requests_inflight -= 1;
         }
     }
 
@@ -761,9 +786,7 @@ impl Node {
     /// Send a DHT request to `addr` (and `node`, if known), dialling first
     /// if no connection is open.
     fn send_request(&mut self, now: Instant, node: Option<NodeId>, addr: SocketAddr, id: RequestId, request: Request) {
-        let conn = node
-            .and_then(|n| self.by_node.get(&n).map(|&(c, _)| c))
-            .or_else(|| self.by_addr.get(&addr).and_then(|set| set.first().copied()));
+        let conn = node.and_then(|n| self.by_node.get(&n).map(|&(c, _)| c)).or_else(|| self.first_conn_to(addr));
         if let Some(conn) = conn {
             self.track_request(now, id, conn);
             self.out.push_back(NodeOutput::Send { conn, message: Message::Request { id, body: request } });
@@ -789,6 +812,7 @@ impl Node {
             return;
         }
         if let Some(&(conn, _)) = self.by_node.get(&peer.id) {
+            self.exchange_knows(now, conn);
             self.exchange.handle_input(now, ExchangeInput::Open { conn, file });
             return;
         }

@@ -63,6 +63,7 @@ use crate::ids::{ConnId, FileId, NodeId, PieceIndex};
 use crate::manifest::FileManifest;
 use crate::scheduler::PeerSlot;
 use crate::time::Instant;
+use crate::vec_map::VecMap;
 use crate::wire::{ExchangeMessage, GoodbyeReason};
 
 /// What the driver or the node tells the exchange.
@@ -345,7 +346,8 @@ pub struct Exchange {
     config: ExchangeConfig,
     rng: ChaCha8Rng,
     swarms: BTreeMap<FileId, Swarm>,
-    conns: BTreeMap<ConnId, Conn>,
+    /// Connections the node told us of (before their first session).
+    conns: VecMap<ConnId, Conn>,
     out: VecDeque<ExchangeOutput>,
     next_rechoke: Option<Instant>,
     next_optimistic: Option<Instant>,
@@ -363,7 +365,7 @@ impl Exchange {
             config,
             rng: ChaCha8Rng::from_seed(seed),
             swarms: BTreeMap::new(),
-            conns: BTreeMap::new(),
+            conns: VecMap::new(),
             out: VecDeque::new(),
             next_rechoke: None,
             next_optimistic: None,
@@ -494,7 +496,7 @@ impl Exchange {
 
     /// Next output, until `None`.
     pub fn poll_output(&mut self) -> Option<ExchangeOutput> {
-        self.out.pop_front()
+        crate::outputs::pop_output(&mut self.out)
     }
 
     /// Earliest deadline.
@@ -548,7 +550,7 @@ impl Exchange {
 
     fn remove_swarm(&mut self, file: FileId) {
         if self.swarms.remove(&file).is_some() {
-            for (&conn, c) in &mut self.conns {
+            for (&conn, c) in self.conns.iter_mut() {
                 if c.files.remove(&file).is_some() {
                     self.out.push_back(ExchangeOutput::Send { conn, message: ExchangeMessage::Leave { file } });
                 }

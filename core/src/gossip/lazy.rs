@@ -31,11 +31,10 @@ impl Gossip {
             let mut ids = self.shuffled(ids);
             ids.truncate(self.config.ihave_ids_max);
             let exclude: BTreeSet<ConnId> = self.mesh_peers(topic).chain(self.fanout_peers(topic)).collect();
-            let graylist = self.config.penalty_graylist;
             let eligible: Vec<ConnId> = self
                 .peers
                 .iter()
-                .filter(|(c, p)| p.wants(topic) && p.penalty < graylist && !exclude.contains(c))
+                .filter(|(c, p)| p.wants(topic) && self.in_good_standing(p) && !exclude.contains(c))
                 .map(|(&c, _)| c)
                 .collect();
             let by_factor = eligible.len() * usize::from(self.config.gossip_factor_percent) / 100;
@@ -74,13 +73,14 @@ impl Gossip {
         }
         let (ihave_max, iwant_max) =
             (self.config.ihave_per_peer_per_heartbeat_max, self.config.iwant_ids_per_peer_per_heartbeat_max);
+        let (heartbeat, decay) = (self.heartbeat, self.config.penalty_decay_per_heartbeat);
         let Some(peer) = self.peers.get_mut(&conn) else { return };
-        peer.ihave_this_heartbeat += 1;
-        if peer.ihave_this_heartbeat > ihave_max {
+        let (ihaves, iwant_ids) = peer.count_ihave(heartbeat, decay);
+        if ihaves > ihave_max {
             self.counters.ihave_ignored += 1;
             return;
         }
-        let budget = iwant_max.saturating_sub(peer.iwant_ids_this_heartbeat);
+        let budget = iwant_max.saturating_sub(iwant_ids);
         if !self.subscriptions.contains(&topic) || budget == 0 {
             return;
         }
@@ -107,7 +107,7 @@ impl Gossip {
             return;
         }
         if let Some(peer) = self.peers.get_mut(&conn) {
-            peer.iwant_ids_this_heartbeat += asked.len();
+            peer.count_iwant_ids(heartbeat, decay, asked.len());
         }
         self.counters.iwant_ids_sent += asked.len() as u64;
         self.send(conn, GossipMessage::IWant { ids: asked });

@@ -45,9 +45,7 @@ impl Gossip {
     fn graftable(&self, now: Instant, topic: Topic) -> BTreeSet<ConnId> {
         self.peers
             .iter()
-            .filter(|(_, p)| {
-                p.wants(topic) && p.penalty < self.config.penalty_graylist && !self.in_backoff(now, topic, p.node)
-            })
+            .filter(|(_, p)| p.wants(topic) && self.in_good_standing(p) && !self.in_backoff(now, topic, p.node))
             .map(|(&c, _)| c)
             .collect()
     }
@@ -116,7 +114,9 @@ impl Gossip {
             self.counters.grafts_refused += 1;
             return self.send_prune(now, conn, topic);
         }
-        self.peers.get_mut(&conn).map(|p| p.topics.insert(topic));
+        if let Some(peer) = self.peers.get_mut(&conn) {
+            peer.topics.insert(topic);
+        }
         self.mesh.entry(topic).or_default().insert(conn);
     }
 
@@ -149,14 +149,12 @@ impl Gossip {
 
     /// The 1 s heartbeat: decay, expire, repair meshes and fanout, emit
     /// IHAVE gossip, shift the message cache (spec v1.0 §"Heartbeat").
+    /// Penalties decay and per-heartbeat counters restart by the count
+    /// alone: each peer settles when next used ([`Peer`]), so a heartbeat
+    /// costs nothing per connection that does not use gossip.
     pub(super) fn heartbeat(&mut self, now: Instant) {
         self.counters.heartbeats += 1;
-        let decay = self.config.penalty_decay_per_heartbeat;
-        for peer in self.peers.values_mut() {
-            peer.penalty = peer.penalty.saturating_sub(decay);
-            peer.ihave_this_heartbeat = 0;
-            peer.iwant_ids_this_heartbeat = 0;
-        }
+        self.heartbeat += 1;
         self.backoff.retain(|_, &mut until| until > now);
         self.iwant_pending.retain(|_, &mut until| until > now);
         self.seen.expire(now);
@@ -172,14 +170,13 @@ impl Gossip {
     }
 
     fn repair_mesh(&mut self, now: Instant, topic: Topic) {
-        let graylist = self.config.penalty_graylist;
         let mut mesh = self.mesh.remove(&topic).unwrap_or_default();
         // A peer leaves the mesh when it disconnects (`forget_peer`),
         // unsubscribes or is graylisted (`prune_everywhere`), not here: a
         // check per member each second touched every mesh peer's cold
         // state (5% of a 10,000-node des run).
         debug_assert!(
-            mesh.iter().all(|c| self.peers.get(c).is_some_and(|p| p.wants(topic) && p.penalty < graylist)),
+            mesh.iter().all(|c| self.peers.get(c).is_some_and(|p| p.wants(topic) && self.in_good_standing(p))),
             "mesh members are subscribed and not graylisted"
         );
         let (low, target, high) = (self.config.mesh_degree_low, self.config.mesh_degree, self.config.mesh_degree_high);
@@ -212,8 +209,7 @@ impl Gossip {
         let topics: Vec<Topic> = self.fanout.keys().copied().collect();
         for topic in topics {
             let Some(mut fanout) = self.fanout.remove(&topic) else { continue };
-            let graylist = self.config.penalty_graylist;
-            fanout.peers.retain(|c| self.peers.get(c).is_some_and(|p| p.wants(topic) && p.penalty < graylist));
+            fanout.peers.retain(|c| self.peers.get(c).is_some_and(|p| p.wants(topic) && self.in_good_standing(p)));
             if fanout.peers.len() < self.config.mesh_degree {
                 let more = self.pick_peers(topic, self.config.mesh_degree - fanout.peers.len(), &fanout.peers);
                 fanout.peers.extend(more);

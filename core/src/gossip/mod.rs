@@ -88,6 +88,7 @@ pub use self::validate::{InvalidMessage, check_message};
 use crate::config::ConfigError;
 use crate::ids::{ConnId, NodeId};
 use crate::time::Instant;
+use crate::vec_map::VecMap;
 use crate::wire::{Announcement, GoodbyeReason, GossipMessage, KeywordEntry, MessageId, Topic};
 
 /// Something that happened to the gossip machine.
@@ -207,7 +208,7 @@ pub struct Gossip {
     local: NodeId,
     rng: ChaCha8Rng,
     /// Tracked connections, at most `peers_max`.
-    peers: BTreeMap<ConnId, Peer>,
+    peers: VecMap<ConnId, Peer>,
     /// Our topics (at most one entry per `Topic` variant).
     subscriptions: BTreeSet<Topic>,
     /// Mesh per subscribed topic, within [D_lo, D_hi] after a heartbeat.
@@ -227,6 +228,9 @@ pub struct Gossip {
     unsent: VecDeque<MessageId>,
     next_seq: u64,
     next_heartbeat: Instant,
+    /// Heartbeats run so far: the number of the current one, which
+    /// peers' penalties and per-heartbeat counters are settled against.
+    heartbeat: u64,
     /// Budget for relaying Peers announcements (`peers_relay_per_min`).
     peers_relay: TokenBucket,
     /// Budget for relaying Swarm notices (`swarm_relay_per_min`).
@@ -288,7 +292,7 @@ impl Gossip {
     /// Penalty points of the peer on `conn`, if tracked.
     #[must_use]
     pub fn penalty(&self, conn: ConnId) -> Option<u32> {
-        self.peers.get(&conn).map(|p| p.penalty)
+        self.peers.get(&conn).map(|p| self.penalty_of(p))
     }
 
     /// Whether GRAFTs between us and `node` on `topic` are suspended at `now`.
@@ -340,7 +344,7 @@ impl Gossip {
             index: FileIndex::new(config.file_index_entries_max, config.search_results_max),
             local,
             rng,
-            peers: BTreeMap::new(),
+            peers: VecMap::new(),
             subscriptions: BTreeSet::new(),
             mesh: BTreeMap::new(),
             fanout: BTreeMap::new(),
@@ -349,6 +353,7 @@ impl Gossip {
             unsent: VecDeque::new(),
             next_seq,
             next_heartbeat: now + millis(first_heartbeat_ms),
+            heartbeat: 0,
             peers_relay: TokenBucket::full(now, config.peers_relay_burst),
             swarm_relay: TokenBucket::full(now, config.swarm_relay_burst),
             outputs: VecDeque::new(),
@@ -385,7 +390,7 @@ impl Gossip {
 
     /// The next output, until `None`.
     pub fn poll_output(&mut self) -> Option<GossipOutput> {
-        self.outputs.pop_front()
+        crate::outputs::pop_output(&mut self.outputs)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
@@ -413,8 +418,19 @@ impl Gossip {
         self.push(GossipOutput::Event(event));
     }
 
+    /// A peer's penalty points now (see [`Peer`] on the lazy decay).
+    fn penalty_of(&self, peer: &Peer) -> u32 {
+        peer.penalty(self.heartbeat, self.config.penalty_decay_per_heartbeat)
+    }
+
+    /// Whether a peer may be grafted, gossiped to or published to: not
+    /// graylisted.
+    fn in_good_standing(&self, peer: &Peer) -> bool {
+        self.penalty_of(peer) < self.config.penalty_graylist
+    }
+
     fn is_graylisted(&self, conn: ConnId) -> bool {
-        self.peers.get(&conn).is_some_and(|p| p.penalty >= self.config.penalty_graylist)
+        self.peers.get(&conn).is_some_and(|p| !self.in_good_standing(p))
     }
 
     /// `items` shuffled with the machine's RNG (ordered input, so the
@@ -432,7 +448,7 @@ impl Gossip {
             self.counters.peers_rejected += 1;
             return;
         }
-        let mut peer = Peer::new(node, now, self.config.peer_messages_burst);
+        let mut peer = Peer::new(node, now, self.config.peer_messages_burst, self.heartbeat);
         peer.topics.extend(implied.iter().copied());
         self.peers.insert(conn, peer);
         // Spec v1.0 §"Subscriptions": announce our topics to each new peer,
@@ -465,10 +481,9 @@ impl Gossip {
     /// Add penalty points; graylist or disconnect at the thresholds.
     fn penalise(&mut self, now: Instant, conn: ConnId, points: u32) {
         let (graylist, disconnect) = (self.config.penalty_graylist, self.config.penalty_disconnect);
+        let (heartbeat, decay) = (self.heartbeat, self.config.penalty_decay_per_heartbeat);
         let Some(peer) = self.peers.get_mut(&conn) else { return };
-        let before = peer.penalty;
-        peer.penalty = peer.penalty.saturating_add(points);
-        let after = peer.penalty;
+        let (before, after) = peer.penalise(heartbeat, decay, points);
         if after >= disconnect {
             self.counters.disconnected += 1;
             self.forget_peer(conn);
@@ -506,7 +521,7 @@ impl Gossip {
             GossipMessage::Subscriptions(topics) => self.on_subscribe(now, conn, topics),
             GossipMessage::Unsubscribe(topic) => {
                 if let Some(peer) = self.peers.get_mut(&conn) {
-                    peer.topics.remove(&topic);
+                    peer.topics.remove(topic);
                 }
                 if let Some(mesh) = self.mesh.get_mut(&topic) {
                     mesh.remove(&conn);
@@ -706,11 +721,10 @@ impl Gossip {
     /// Up to `count` random peers subscribed to `topic`, not graylisted and
     /// not in `exclude`.
     fn pick_peers(&mut self, topic: Topic, count: usize, exclude: &BTreeSet<ConnId>) -> Vec<ConnId> {
-        let graylist = self.config.penalty_graylist;
         let candidates: Vec<ConnId> = self
             .peers
             .iter()
-            .filter(|(c, p)| p.wants(topic) && p.penalty < graylist && !exclude.contains(c))
+            .filter(|(c, p)| p.wants(topic) && self.in_good_standing(p) && !exclude.contains(c))
             .map(|(&c, _)| c)
             .collect();
         let mut picked = self.shuffled(candidates);

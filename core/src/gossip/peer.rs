@@ -4,8 +4,6 @@
 //! judge locally (invalid messages, flooding, GRAFT during back-off), with
 //! linear decay, two thresholds (graylist, disconnect) and no positive terms.
 
-use std::collections::BTreeSet;
-
 use crate::ids::NodeId;
 use crate::time::Instant;
 use crate::wire::Topic;
@@ -42,34 +40,119 @@ impl TokenBucket {
     }
 }
 
+/// A set of topics in one byte (a bit per [`Topic`] variant): a peer's
+/// subscriptions, kept inline rather than in a tree node of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct TopicSet(u8);
+
+impl TopicSet {
+    fn bit(topic: Topic) -> u8 {
+        // A fieldless enum of at most eight variants (SUBSCRIPTIONS_MAX).
+        const _: () = assert!(super::SUBSCRIPTIONS_MAX <= 8, "a topic is one bit of a byte");
+        1 << (topic as u8)
+    }
+
+    pub(super) fn insert(&mut self, topic: Topic) {
+        self.0 |= Self::bit(topic);
+    }
+
+    pub(super) fn remove(&mut self, topic: Topic) {
+        self.0 &= !Self::bit(topic);
+    }
+
+    pub(super) fn contains(self, topic: Topic) -> bool {
+        self.0 & Self::bit(topic) != 0
+    }
+}
+
+impl Extend<Topic> for TopicSet {
+    fn extend<I: IntoIterator<Item = Topic>>(&mut self, topics: I) {
+        for topic in topics {
+            self.insert(topic);
+        }
+    }
+}
+
 /// What gossip knows about one connected peer.
+///
+/// The penalty decays and the per-heartbeat counters restart at every
+/// heartbeat, but lazily: they are brought up to date ([`Peer::settle`])
+/// when next read or changed, from the number of heartbeats since, so a
+/// heartbeat does not touch every peer's (cold) state. Repeated saturating
+/// decay by `d` over `n` heartbeats is one saturating decay by `n * d`, so
+/// the values are the ones an eager loop would give.
 #[derive(Debug, Clone)]
 pub(super) struct Peer {
     /// The node at the other end (back-offs are kept per node, so they
     /// survive a reconnection on a new `ConnId`).
     pub(super) node: NodeId,
-    /// Topics the peer announced with SUBSCRIBE (at most one per `Topic`).
-    pub(super) topics: BTreeSet<Topic>,
-    /// Penalty points; see the module docs.
-    pub(super) penalty: u32,
-    /// IHAVE messages received this heartbeat.
-    pub(super) ihave_this_heartbeat: u32,
-    /// Ids asked of this peer by IWANT this heartbeat.
-    pub(super) iwant_ids_this_heartbeat: usize,
+    /// Topics the peer announced with SUBSCRIBE (or the handshake implied).
+    pub(super) topics: TopicSet,
+    /// Penalty points as of heartbeat `settled`; see the module docs.
+    penalty: u32,
+    /// IHAVE messages received in heartbeat `settled`.
+    ihave_this_heartbeat: u32,
+    /// Ids asked of this peer by IWANT in heartbeat `settled`.
+    iwant_ids_this_heartbeat: usize,
+    /// The heartbeat (count of heartbeats run) the fields above are for.
+    settled: u64,
     /// Inbound frame budget.
     budget: TokenBucket,
 }
 
 impl Peer {
-    pub(super) fn new(node: NodeId, now: Instant, burst: u64) -> Self {
+    /// A peer connected during heartbeat `heartbeat`.
+    pub(super) fn new(node: NodeId, now: Instant, burst: u64, heartbeat: u64) -> Self {
         Self {
             node,
-            topics: BTreeSet::new(),
+            topics: TopicSet::default(),
             penalty: 0,
             ihave_this_heartbeat: 0,
             iwant_ids_this_heartbeat: 0,
+            settled: heartbeat,
             budget: TokenBucket::full(now, burst),
         }
+    }
+
+    /// Penalty points at heartbeat `heartbeat`, forgiving `decay` points
+    /// per heartbeat since the last change.
+    pub(super) fn penalty(&self, heartbeat: u64, decay: u32) -> u32 {
+        let elapsed = heartbeat.saturating_sub(self.settled);
+        let forgiven = elapsed.saturating_mul(u64::from(decay));
+        self.penalty.saturating_sub(u32::try_from(forgiven).unwrap_or(u32::MAX))
+    }
+
+    /// Bring the penalty and the per-heartbeat counters up to heartbeat
+    /// `heartbeat`.
+    fn settle(&mut self, heartbeat: u64, decay: u32) {
+        if self.settled < heartbeat {
+            self.penalty = self.penalty(heartbeat, decay);
+            self.ihave_this_heartbeat = 0;
+            self.iwant_ids_this_heartbeat = 0;
+            self.settled = heartbeat;
+        }
+    }
+
+    /// Add `points` at heartbeat `heartbeat`; the penalty before and after.
+    pub(super) fn penalise(&mut self, heartbeat: u64, decay: u32, points: u32) -> (u32, u32) {
+        self.settle(heartbeat, decay);
+        let before = self.penalty;
+        self.penalty = before.saturating_add(points);
+        (before, self.penalty)
+    }
+
+    /// Count one IHAVE received in heartbeat `heartbeat`; how many this
+    /// heartbeat, and the ids already asked of the peer in it.
+    pub(super) fn count_ihave(&mut self, heartbeat: u64, decay: u32) -> (u32, usize) {
+        self.settle(heartbeat, decay);
+        self.ihave_this_heartbeat += 1;
+        (self.ihave_this_heartbeat, self.iwant_ids_this_heartbeat)
+    }
+
+    /// Count `ids` asked of the peer by IWANT in heartbeat `heartbeat`.
+    pub(super) fn count_iwant_ids(&mut self, heartbeat: u64, decay: u32, ids: usize) {
+        self.settle(heartbeat, decay);
+        self.iwant_ids_this_heartbeat += ids;
     }
 
     /// Take one frame's worth from the token bucket; `false` when the peer
@@ -80,7 +163,7 @@ impl Peer {
 
     /// Whether the peer is subscribed to `topic`.
     pub(super) fn wants(&self, topic: Topic) -> bool {
-        self.topics.contains(&topic)
+        self.topics.contains(topic)
     }
 }
 
@@ -93,7 +176,7 @@ mod tests {
     #[test]
     fn token_bucket_allows_a_burst_then_the_rate() {
         let t0 = Instant::from_micros(1_000_000);
-        let mut peer = Peer::new(NodeId::default(), t0, 3);
+        let mut peer = Peer::new(NodeId::default(), t0, 3, 0);
         assert!((0..3).all(|_| peer.take_token(t0, 10, 3)));
         assert!(!peer.take_token(t0, 10, 3), "burst exhausted");
         // 10 per second: one token every 100 ms.
@@ -103,5 +186,21 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert!((0..3).all(|_| peer.take_token(later, 10, 3)));
         assert!(!peer.take_token(later, 10, 3));
+    }
+
+    /// Decay settled late is the decay an eager per-heartbeat loop gives.
+    #[test]
+    fn a_lazily_settled_penalty_is_the_eagerly_decayed_one() {
+        let mut peer = Peer::new(NodeId::default(), Instant::ZERO, 3, 10);
+        assert_eq!(peer.penalise(10, 2, 7), (0, 7));
+        assert_eq!(peer.count_ihave(10, 2), (1, 0));
+        peer.count_iwant_ids(10, 2, 4);
+        assert_eq!(peer.count_ihave(10, 2), (2, 4), "the same heartbeat");
+        // Heartbeats 11 and 12 each forgive 2: 7 -> 5 -> 3.
+        assert_eq!(peer.penalty(12, 2), 3);
+        assert_eq!(peer.count_ihave(12, 2), (1, 0), "a new heartbeat, counters restart");
+        assert_eq!(peer.penalise(13, 2, 1), (1, 2));
+        assert_eq!(peer.penalty(1_000, 2), 0, "never below zero");
+        assert_eq!(peer.penalty(u64::MAX, u32::MAX), 0);
     }
 }

@@ -443,7 +443,7 @@ impl Kademlia {
 
     /// The next output; drain until `None` after every mutation.
     pub fn poll_output(&mut self) -> Option<KadOutput> {
-        self.outputs.pop_front()
+        crate::outputs::pop_output(&mut self.outputs)
     }
 
     /// The earliest deadline; call [`Self::handle_timeout`] when it passes.

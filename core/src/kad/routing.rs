@@ -84,6 +84,18 @@ pub struct RoutingTable {
     len: usize,
 }
 
+/// Push `item` onto `list`, which holds at most `max`: the buffer doubles
+/// as a `Vec`'s does, but never past `max` (a full bucket of k = 20
+/// would otherwise keep room for 32 entries, in every bucket of every
+/// node).
+fn push_within<T>(list: &mut Vec<T>, item: T, max: usize) {
+    if list.len() == list.capacity() {
+        let room = (list.len() * 2).max(4).min(max.max(list.len() + 1));
+        list.reserve_exact(room - list.len());
+    }
+    list.push(item);
+}
+
 fn bit(distance: &Distance, index: usize) -> bool {
     distance.0[KEY_BYTES - 1 - index / 8] >> (index % 8) & 1 == 1
 }
@@ -203,7 +215,7 @@ impl RoutingTable {
         bucket.replacements.retain(|c| c.id != contact.id);
         let newcomer = Entry { contact, last_seen: now, failures: 0 };
         if bucket.entries.len() < k {
-            bucket.entries.push(newcomer);
+            push_within(&mut bucket.entries, newcomer, k);
             self.len += 1;
             self.occupied[index / 64] |= 1 << (index % 64);
             return Observed::Inserted;
@@ -218,9 +230,12 @@ impl RoutingTable {
             bucket.entries.push(newcomer);
             return Observed::Replaced { evicted };
         }
-        bucket.replacements.push(contact);
-        if bucket.replacements.len() > replacements_max {
+        // The oldest replacement makes room for the newest.
+        if bucket.replacements.len() >= replacements_max && !bucket.replacements.is_empty() {
             bucket.replacements.remove(0);
+        }
+        if replacements_max > 0 {
+            push_within(&mut bucket.replacements, contact, replacements_max);
         }
         // Only a head not heard from for `fresh` is worth a ping (BEP 5:
         // nodes seen in the last 15 minutes are "good"); pinging on every
@@ -438,6 +453,21 @@ mod tests {
         let hour = Duration::from_secs(3600);
         assert_eq!(table.buckets_idle(t(5) + hour, hour), vec![220, 250], "stored late, idle since touch_all");
         assert_eq!(table.entries().map(|e| e.contact.id).collect::<Vec<_>>(), [in_bucket(220, 1), in_bucket(250, 1)]);
+    }
+
+    /// A full bucket's buffers hold k entries and `replacements_max`
+    /// replacements, not the next power of two; tiny limits work too.
+    #[test]
+    fn a_full_bucket_keeps_room_for_its_limits_only() {
+        for (k, replacements) in [(20, 10), (2, 1), (1, 0)] {
+            let mut table = RoutingTable::new(NodeId::default(), k, replacements, 3, Duration::from_secs(60));
+            for tag in 1..=40 {
+                table.observe(contact(in_bucket(200, tag)), t(0));
+            }
+            let bucket = table.at(200).unwrap();
+            assert_eq!((bucket.entries.len(), bucket.entries.capacity()), (k, k));
+            assert_eq!((bucket.replacements.len(), bucket.replacements.capacity()), (replacements, replacements));
+        }
     }
 
     #[test]
