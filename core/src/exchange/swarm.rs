@@ -73,6 +73,14 @@ struct Session {
     have_quiet_until: Instant,
 }
 
+impl Session {
+    /// The HAVE for the pieces pending, which are then gone.
+    fn send_haves(&mut self, file: FileId) -> ExchangeOutput {
+        let pieces = std::mem::take(&mut self.haves_pending);
+        ExchangeOutput::Send { conn: self.conn, message: ExchangeMessage::Have { file, pieces } }
+    }
+}
+
 /// Fetching a manifest's piece hashes from peers, batch by batch.
 #[derive(Clone, Debug)]
 struct HashFetch {
@@ -404,9 +412,7 @@ impl Swarm {
         session.choked_requests = 0;
         session.unchoked_since_check = false;
         if !choking && !session.haves_pending.is_empty() {
-            // It may ask for them now.
-            let pieces = std::mem::take(&mut session.haves_pending);
-            out.push_back(ExchangeOutput::Send { conn: session.conn, message: ExchangeMessage::Have { file, pieces } });
+            out.push_back(session.send_haves(file)); // it may ask for them now
         }
         let message = if choking { ExchangeMessage::Choke { file } } else { ExchangeMessage::Unchoke { file } };
         self.send(out, slot, message);
@@ -525,11 +531,7 @@ impl Swarm {
         let quiet = session.haves_pending.len() == 1 && session.have_quiet_until <= now;
         if !session.am_choking || quiet || session.haves_pending.len() >= HAVES_PER_MESSAGE_MAX {
             session.have_quiet_until = now + interval;
-            let pieces = std::mem::take(&mut session.haves_pending);
-            return out.push_back(ExchangeOutput::Send {
-                conn: session.conn,
-                message: ExchangeMessage::Have { file, pieces },
-            });
+            return out.push_back(session.send_haves(file));
         }
         let due = session.have_quiet_until;
         self.haves_due = Some(self.haves_due.map_or(due, |d| d.min(due)));
@@ -545,11 +547,7 @@ impl Swarm {
         for session in self.sessions.iter_mut().flatten().filter(|s| !s.haves_pending.is_empty()) {
             if session.have_quiet_until <= now {
                 session.have_quiet_until = now + interval;
-                let pieces = std::mem::take(&mut session.haves_pending);
-                out.push_back(ExchangeOutput::Send {
-                    conn: session.conn,
-                    message: ExchangeMessage::Have { file, pieces },
-                });
+                out.push_back(session.send_haves(file));
             } else {
                 next = Some(next.map_or(session.have_quiet_until, |n| n.min(session.have_quiet_until)));
             }
