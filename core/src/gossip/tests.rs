@@ -743,3 +743,47 @@ fn peers_announcements_are_relayed_within_the_budget() {
     assert!(relayed(&rig.from(source.0, announce(105))));
     assert!(!relayed(&rig.from(source.0, announce(106))));
 }
+
+/// Swarm notices have a budget of their own (`swarm_relay_per_min`): past
+/// it they are delivered, not forwarded, and spending it leaves the Peers
+/// budget whole.
+#[test]
+fn swarm_notices_are_relayed_within_their_own_budget() {
+    let config =
+        GossipConfig { swarm_relay_burst: 2, swarm_relay_per_min: 60, peers_relay_burst: 1, ..GossipConfig::default() };
+    let mut rig = Rig::new(config);
+    for i in 1..=8 {
+        rig.connect(i, false);
+        rig.from(i, GossipMessage::Subscribe(Topic::Swarm));
+        rig.from(i, GossipMessage::Subscribe(Topic::Peers));
+    }
+    rig.input(GossipInput::Subscribe(Topic::Swarm));
+    rig.input(GossipInput::Subscribe(Topic::Peers));
+    let source = *rig.gossip.mesh_peers(Topic::Swarm).collect::<Vec<_>>().first().unwrap();
+    let contact = |origin: u64| Contact { id: node(origin), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)) };
+    let notice = |origin: u64| GossipMessage::Publish {
+        topic: Topic::Swarm,
+        origin: node(origin),
+        seq: 1,
+        payload: Announcement::Swarm { file: FileId([7; 32]), node: contact(origin), seeding: false },
+    };
+    let relayed = |out: &[GossipOutput]| !sent(out, |m| matches!(m, GossipMessage::Publish { .. })).is_empty();
+    let mut pattern = Vec::new();
+    for origin in 100..104 {
+        let out = rig.from(source.0, notice(origin));
+        assert_eq!(delivered(&out).len(), 1, "every notice is delivered here");
+        pattern.push(relayed(&out));
+    }
+    assert_eq!(pattern, [true, true, false, false], "the burst of 2, then nothing");
+    assert_eq!(rig.gossip.counters().relay_budget_exceeded, 2);
+    let peer = GossipMessage::Publish {
+        topic: Topic::Peers,
+        origin: node(200),
+        seq: 1,
+        payload: Announcement::Peer(contact(200)),
+    };
+    let source = *rig.gossip.mesh_peers(Topic::Peers).collect::<Vec<_>>().first().unwrap();
+    assert!(relayed(&rig.from(source.0, peer)), "the Peers budget is untouched");
+    rig.now += Duration::from_millis(1_000);
+    assert!(relayed(&rig.from(source.0, notice(104))), "one token a second");
+}
