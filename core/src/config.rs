@@ -47,7 +47,8 @@ pub struct Config {
     /// Providers a download connects to from one provider lookup.
     pub providers_per_lookup_max: u32,
     /// Every `provider_refresh_interval`, a running download with fewer
-    /// peers than this looks for providers again.
+    /// peers than this looks for providers again; a provider lookup ends
+    /// as soon as it knows this many.
     pub download_peers_target: u32,
     /// See `download_peers_target`.
     pub provider_refresh_interval: Duration,

@@ -841,7 +841,7 @@ impl Node {
     fn find_providers(&mut self, now: Instant, file: FileId) {
         let Some(download) = self.downloads.get_mut(&file) else { return };
         download.next_provider_lookup = None;
-        let q = self.kad.get_providers(now, file);
+        let q = self.kad.get_providers(now, file, self.config.download_peers_target as usize);
         self.queries.insert(q, Purpose::Providers(file));
     }
 

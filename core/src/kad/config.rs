@@ -19,6 +19,14 @@ pub struct KadConfig {
     pub replacements_per_bucket_max: usize,
     /// α: requests in flight per lookup (Kademlia §2.3 suggests 3).
     pub parallelism: usize,
+    /// Requests in flight per manifest lookup. A manifest lookup stops at
+    /// the first valid manifest (Kademlia §2.3), but every holder asked in
+    /// parallel sends its copy, up to 33 KiB, all of it from the k nodes
+    /// closest to one file id. One at a time (with `request_stall_ms` to
+    /// move past a slow node) sends one copy per lookup: in a flash crowd
+    /// of 1,000 peers, α = 3 made each holder send some 3 MB of manifest
+    /// copies and left them the last to finish.
+    pub value_parallelism: usize,
     /// Failed requests after which a contact is dropped even without a
     /// replacement; with one, it is replaced at the first failure
     /// (Kademlia §4.1: tolerate transient loss when nobody can take over).
@@ -49,6 +57,14 @@ pub struct KadConfig {
     /// A bucket not looked up for this long is refreshed with a lookup of a
     /// random id in its range (Kademlia §2.3: one hour).
     pub bucket_refresh_interval_ms: u64,
+    /// A bucket refresh (at join and hourly) ends when this many contacts
+    /// closest to its random target have answered (at most k), not k. Its purpose is
+    /// live contacts in the bucket, and every answer from the bucket's
+    /// range lands in it; the k closest to a random point are of no use.
+    /// With 3 (α), `dht-lookups` at 10,000 nodes sent 253k refresh
+    /// requests instead of 773k, with the same lookup success (100%) and
+    /// rounds (p50 3, p90 4).
+    pub refresh_closest: usize,
     /// Period of the maintenance tick: expiry, republish, replication,
     /// refresh. Coarse on purpose: these are hour-scale duties.
     pub maintenance_interval_ms: u64,
@@ -109,6 +125,7 @@ impl Default for KadConfig {
             bucket_size: 20,
             replacements_per_bucket_max: 10,
             parallelism: 3,
+            value_parallelism: 1,
             contact_failures_max: 3,
             contact_fresh_ms: 15 * 60_000,
             request_timeout_ms: 2_000,
@@ -118,6 +135,7 @@ impl Default for KadConfig {
             background_requests_inflight_max: 256,
             query_candidates_max: 200,
             bucket_refresh_interval_ms: HOUR_MS,
+            refresh_closest: 3,
             maintenance_interval_ms: 60_000,
             bootstrap_backoff_initial_ms: 1_000,
             bootstrap_backoff_max_ms: 300_000,
@@ -162,6 +180,8 @@ impl KadConfig {
         let counts = [
             ("bucket_size", self.bucket_size),
             ("parallelism", self.parallelism),
+            ("value_parallelism", self.value_parallelism),
+            ("refresh_closest", self.refresh_closest),
             ("queries_max", self.queries_max),
             ("background_requests_inflight_max", self.background_requests_inflight_max),
             ("records_max", self.records_max),

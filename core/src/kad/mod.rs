@@ -54,8 +54,10 @@ enum Goal {
         search: QueryId,
         found: BTreeMap<FileId, KeywordEntry>,
     },
+    /// Ends by the Kademlia rule, or as soon as `enough` are found.
     GetProviders {
         found: BTreeMap<NodeId, Contact>,
+        enough: usize,
     },
     /// Store `request` on the k closest once the lookup ends.
     Store {
@@ -388,10 +390,21 @@ impl Kademlia {
         self.published.remove(&Publication::Provider(file));
     }
 
-    /// Find providers of `file` (those we hold ourselves included).
-    pub fn get_providers(&mut self, now: Instant, file: FileId) -> QueryId {
-        let found = self.store.providers(&file, now).into_iter().map(|c| (c.id, c)).collect();
-        let goal = Goal::GetProviders { found };
+    /// Find providers of `file` (those we hold ourselves included). The
+    /// lookup ends as soon as it knows `enough` of them (IPFS's
+    /// `FindProvidersAsync` count), else by the Kademlia rule: in a swarm
+    /// every answer from the k closest carries providers, and asking all
+    /// k of them for the same list makes those k nodes a hot spot.
+    pub fn get_providers(&mut self, now: Instant, file: FileId, enough: usize) -> QueryId {
+        let found: BTreeMap<NodeId, Contact> =
+            self.store.providers(&file, now, &mut self.rng).into_iter().map(|c| (c.id, c)).collect();
+        if found.len() >= enough.max(1) {
+            let id = self.alloc_query();
+            let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: true };
+            self.emit_finished(id, stats, QueryResult::GetProviders { providers: found.into_values().collect() });
+            return id;
+        }
+        let goal = Goal::GetProviders { found, enough: enough.max(1) };
         self.start_query(now, file.0, goal, true, None)
     }
 
@@ -502,7 +515,7 @@ impl Kademlia {
                 }
             }
             Request::GetProviders { file } => Response::Providers {
-                providers: self.store.providers(&file, now),
+                providers: self.store.providers(&file, now, &mut self.rng),
                 closer: self.closest_for(&file.0, &from, k),
             },
         };
@@ -631,6 +644,7 @@ impl Kademlia {
         };
         let mut closer = Vec::new();
         let mut value = None;
+        let mut enough_found = false;
         match (response, want) {
             (Response::Nodes { closer: c }, _) => closer = c,
             (Response::Value { record: Record::Manifest(m) }, Want::Manifest) => {
@@ -658,13 +672,14 @@ impl Kademlia {
             }
             (Response::Providers { providers, closer: c }, Want::Providers) => {
                 closer = c;
-                if let Some(Query { goal: Goal::GetProviders { found }, .. }) = self.queries.get_mut(&query) {
+                if let Some(Query { goal: Goal::GetProviders { found, enough }, .. }) = self.queries.get_mut(&query) {
                     for p in providers {
                         if found.len() >= providers_max {
                             break;
                         }
                         found.insert(p.id, p);
                     }
+                    enough_found = found.len() >= *enough;
                 }
             }
             // Errors and mismatched answers: the peer is alive but helped
@@ -677,6 +692,10 @@ impl Kademlia {
         if let Some(result) = value {
             // FIND_VALUE stops at the first valid value (Kademlia §2.3).
             self.finish_query(now, query, true, Some(result));
+            return;
+        }
+        if enough_found {
+            self.finish_query(now, query, true, None);
             return;
         }
         self.advance(now, query);
@@ -713,8 +732,11 @@ impl Kademlia {
             return id;
         }
         let k = self.config.bucket_size;
-        let mut lookup =
-            Lookup::new(target, self.local.id, k, self.config.parallelism, self.config.query_candidates_max);
+        // A refresh converges on fewer than k (`refresh_closest`).
+        let closest = if matches!(goal, Goal::Refresh) { self.config.refresh_closest.min(k) } else { k };
+        let alpha =
+            if matches!(goal, Goal::GetManifest) { self.config.value_parallelism } else { self.config.parallelism };
+        let mut lookup = Lookup::new(target, self.local.id, closest, alpha, self.config.query_candidates_max);
         lookup.add(0, self.table.closest(&target, k));
         if let Some((answered, closer)) = seed {
             lookup.add_answered(answered);
@@ -759,7 +781,7 @@ impl Kademlia {
         let Goal::Store { request } = &q.goal else {
             let success = match &q.goal {
                 Goal::FindNode | Goal::Bootstrap | Goal::Refresh => !q.lookup.closest_answered().is_empty(),
-                Goal::GetProviders { found } => !found.is_empty(),
+                Goal::GetProviders { found, .. } => !found.is_empty(),
                 Goal::GetKeywords { found, .. } => !found.is_empty(),
                 _ => false,
             };
@@ -835,7 +857,7 @@ impl Kademlia {
             (_, Some(result)) => result,
             (Goal::FindNode, None) => QueryResult::FindNode { closest: q.lookup.closest_answered() },
             (Goal::GetManifest, None) => QueryResult::GetManifest { manifest: None },
-            (Goal::GetProviders { found }, None) => {
+            (Goal::GetProviders { found, .. }, None) => {
                 QueryResult::GetProviders { providers: found.into_values().collect() }
             }
             (Goal::Store { .. }, None) => QueryResult::Stored { stored: 0 },

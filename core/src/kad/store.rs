@@ -12,6 +12,7 @@ use crate::kad::keywords;
 use crate::manifest::{FileManifest, validate_name};
 use crate::time::Instant;
 use crate::wire::{Contact, ErrorCode, KeywordEntry, RecordKey};
+use rand::{Rng, RngExt};
 
 /// Why a store was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -228,16 +229,25 @@ impl RecordStore {
         Ok(())
     }
 
-    /// Live providers of `file`, at most `providers_returned_max`.
+    /// Live providers of `file`: all of them, or a random
+    /// `providers_returned_max` of them when there are more (as a
+    /// BitTorrent tracker answers with a random subset of its peers, so a
+    /// crowd of askers spreads over the swarm rather than all dialling
+    /// the first few providers).
     #[must_use]
-    pub fn providers(&self, file: &FileId, now: Instant) -> Vec<Contact> {
-        self.providers.get(file).map_or_else(Vec::new, |list| {
-            list.iter()
-                .filter(|p| p.expires > now)
-                .take(self.config.providers_returned_max)
-                .map(|p| p.contact)
-                .collect()
-        })
+    pub fn providers(&self, file: &FileId, now: Instant, rng: &mut impl Rng) -> Vec<Contact> {
+        let Some(list) = self.providers.get(file) else { return Vec::new() };
+        let mut live: Vec<Contact> = list.iter().filter(|p| p.expires > now).map(|p| p.contact).collect();
+        let returned = self.config.providers_returned_max;
+        if live.len() > returned {
+            // A partial Fisher-Yates shuffle picks the first `returned`.
+            for i in 0..returned {
+                let j = rng.random_range(i..live.len());
+                live.swap(i, j);
+            }
+            live.truncate(returned);
+        }
+        live
     }
 
     /// Number of providers held for `file` (expired included until swept).
@@ -349,6 +359,8 @@ impl RecordStore {
 mod tests {
     use super::*;
     use crate::content::{Content, Layout, PieceHash};
+    use rand::SeedableRng;
+    use rand::rngs::ChaCha8Rng;
     use std::net::{Ipv4Addr, SocketAddr};
 
     fn manifest(name: &str, size: u64) -> (FileManifest, FileId) {
@@ -424,7 +436,34 @@ mod tests {
             s.add_provider(FileId([1; 32]), contact(n), now).unwrap();
         }
         assert_eq!(s.add_provider(FileId([1; 32]), contact(20), now), Err(StoreError::Overloaded), "key full");
-        assert_eq!(s.providers(&FileId([1; 32]), now).len(), 4);
+        assert_eq!(s.providers(&FileId([1; 32]), now, &mut ChaCha8Rng::seed_from_u64(1)).len(), 4);
+    }
+
+    /// Past `providers_returned_max`, each answer is a random subset of
+    /// the live providers, so askers spread over the swarm.
+    #[test]
+    fn a_long_provider_list_is_answered_with_random_subsets() {
+        let config = KadConfig { providers_per_key_max: 32, providers_returned_max: 8, ..KadConfig::default() };
+        let mut s = store(config);
+        let file = FileId([1; 32]);
+        for n in 1..=32u8 {
+            s.add_provider(file, contact(n), Instant::ZERO).unwrap();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let answer = s.providers(&file, Instant::ZERO, &mut rng);
+            let distinct: std::collections::BTreeSet<_> = answer.iter().map(|c| c.id).collect();
+            assert_eq!((answer.len(), distinct.len()), (8, 8), "eight distinct providers");
+            seen.extend(distinct);
+        }
+        assert!(seen.len() > 24, "answers cover most of the list, not its first eight: {}", seen.len());
+        // At or under the limit, every live provider is returned.
+        let mut small = store(KadConfig { providers_returned_max: 40, ..KadConfig::default() });
+        for n in 1..=5u8 {
+            small.add_provider(file, contact(n), Instant::ZERO).unwrap();
+        }
+        assert_eq!(small.providers(&file, Instant::ZERO, &mut rng).len(), 5);
     }
 
     #[test]

@@ -35,6 +35,8 @@ struct Node {
     kad: Kademlia,
     outbox: VecDeque<(NodeIndex, (Contact, Message))>,
     events: Vec<KadEvent>,
+    /// Answers carrying a value (a manifest or keyword entries).
+    values_sent: usize,
 }
 
 impl Node {
@@ -44,6 +46,7 @@ impl Node {
             kad: Kademlia::new(config, local, seed, Instant::ZERO).unwrap(),
             outbox: VecDeque::new(),
             events: Vec::new(),
+            values_sent: 0,
         }
     }
 
@@ -59,6 +62,7 @@ impl Node {
                     self.outbox.push_back((index_of(addr), (me, Message::Request { id, body: request })));
                 }
                 KadOutput::Respond { to, id, response } => {
+                    self.values_sent += usize::from(matches!(response, Response::Value { .. }));
                     self.outbox.push_back((index_of(to.addr), (me, Message::Response { id, body: response })));
                 }
                 KadOutput::Event(event) => self.events.push(event),
@@ -353,6 +357,56 @@ fn manifests_are_found_everywhere_and_survive_holders_leaving() {
     assert_eq!(found, asked);
 }
 
+/// A manifest lookup asks one node at a time (`value_parallelism`), so
+/// the k holders send one copy per lookup; with α in flight, the holders
+/// asked together each send theirs.
+#[test]
+fn a_manifest_lookup_costs_the_holders_one_copy() {
+    let copies = |value_parallelism: usize| {
+        let config = KadConfig { value_parallelism, ..KadConfig::default() };
+        let (mut net, _) = build(200, 5, &config);
+        let (manifest, file) = sample_manifest("crowd.bin", 3_000_000);
+        run_query(&mut net, 3, |kad, now| kad.put_manifest(now, manifest.clone()).unwrap());
+        let before: usize = net.nodes().map(|(_, m)| m.values_sent).sum();
+        let holding = holders(&net, file);
+        let askers: Vec<NodeIndex> = (0..200).filter(|i| !holding.contains(i)).take(40).collect();
+        for &node in &askers {
+            let (_, result) = run_query(&mut net, node, |kad, now| kad.get_manifest(now, file));
+            assert_eq!(result, QueryResult::GetManifest { manifest: Some(manifest.clone()) });
+        }
+        let sent: usize = net.nodes().map(|(_, m)| m.values_sent).sum();
+        (sent - before, askers.len())
+    };
+    let (serial, lookups) = copies(1);
+    assert_eq!(serial, lookups, "one copy per lookup");
+    let (parallel, _) = copies(3);
+    assert!(parallel > lookups * 3 / 2, "α = 3 sends more copies: {parallel} for {lookups} lookups");
+}
+
+/// A provider lookup ends once it knows `enough` providers instead of
+/// asking every one of the k closest for the same list.
+#[test]
+fn a_provider_lookup_stops_once_it_knows_enough() {
+    let config = KadConfig::default();
+    let (mut net, _) = build(200, 6, &config);
+    let file = FileId([0x5a; 32]);
+    for node in 100..130 {
+        run_query(&mut net, node, |kad, now| kad.add_provider(now, file));
+    }
+    let (all_stats, all) = run_query(&mut net, 7, |kad, now| kad.get_providers(now, file, usize::MAX));
+    let QueryResult::GetProviders { providers } = all else { panic!("{all:?}") };
+    assert_eq!(providers.len(), 30);
+    let (stats, some) = run_query(&mut net, 8, |kad, now| kad.get_providers(now, file, 8));
+    let QueryResult::GetProviders { providers } = some else { panic!("{some:?}") };
+    assert!(stats.success && providers.len() >= 8, "{stats:?} {}", providers.len());
+    assert!(
+        stats.messages * 2 < all_stats.messages,
+        "stopping early asks fewer nodes: {} against {}",
+        stats.messages,
+        all_stats.messages
+    );
+}
+
 #[test]
 fn same_seed_same_run() {
     let run = || {
@@ -513,16 +567,16 @@ fn providers_are_found_and_expire_without_republish() {
     let provider = net.node(9).kad.local();
     let (_, stored) = run_query(&mut net, 9, |kad, now| kad.add_provider(now, file));
     assert_eq!(stored, QueryResult::Stored { stored: config.bucket_size });
-    let (_, result) = run_query(&mut net, 40, |kad, now| kad.get_providers(now, file));
+    let (_, result) = run_query(&mut net, 40, |kad, now| kad.get_providers(now, file, usize::MAX));
     assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
     // Still there after three TTLs: the provider republishes before expiry.
     net.run_for(Duration::from_millis(3 * config.provider_ttl_ms));
-    let (_, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file));
+    let (_, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file, usize::MAX));
     assert_eq!(result, QueryResult::GetProviders { providers: vec![provider] });
     // It stops providing: the records lapse at their TTL.
     net.with_node(9, |m, _| m.kad.stop_providing(file));
     net.run_for(Duration::from_millis(config.provider_ttl_ms) + Duration::from_secs(120));
-    let (stats, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file));
+    let (stats, result) = run_query(&mut net, 41, |kad, now| kad.get_providers(now, file, usize::MAX));
     assert_eq!(result, QueryResult::GetProviders { providers: Vec::new() });
     assert!(!stats.success);
 }
@@ -802,6 +856,43 @@ fn idle_buckets_are_refreshed_after_an_hour() {
     assert_eq!(refreshes[0].1, Some(bucket), "a random id in the idle bucket");
 }
 
+/// A bucket refresh converges on the `refresh_closest` contacts nearest its
+/// random target, not on k: with ten live contacts in the bucket, the
+/// default asks α = 3 of them, where a k-closest refresh asks all ten.
+#[test]
+fn a_bucket_refresh_ends_when_the_closest_few_answered() {
+    let refresh_requests = |config: KadConfig| {
+        let mut kad = machine(config.clone());
+        // Ten contacts in bucket 255 (our id is 0xff..).
+        for n in 0x10..0x1a {
+            kad.handle_input(
+                Instant::ZERO,
+                KadInput::Request { from: contact(n), id: RequestId(1), request: Request::Ping },
+            );
+        }
+        drain(&mut kad);
+        let mut now = Instant::ZERO;
+        let mut asked = 0;
+        let end = Instant::ZERO + Duration::from_millis(config.bucket_refresh_interval_ms) + Duration::from_secs(120);
+        while now < end {
+            now = kad.poll_timeout().unwrap();
+            kad.handle_timeout(now);
+            let mut pending: VecDeque<(Contact, RequestId, Request)> = sends(&drain(&mut kad)).into();
+            while let Some((to, id, request)) = pending.pop_front() {
+                assert!(matches!(request, Request::FindNode { .. }), "{request:?}");
+                asked += 1;
+                let response = Response::Nodes { closer: vec![] };
+                kad.handle_input(now, KadInput::Response { from: to, id, response });
+                pending.extend(sends(&drain(&mut kad)));
+            }
+        }
+        asked
+    };
+    let config = KadConfig::default();
+    assert_eq!(refresh_requests(config.clone()), config.refresh_closest);
+    assert_eq!(refresh_requests(KadConfig { refresh_closest: config.bucket_size, ..config }), 10);
+}
+
 /// Random, hostile traffic: requests of every kind with junk fields,
 /// answers to real and made-up request ids, failures. The machine must not
 /// panic and must stay within its limits.
@@ -862,7 +953,7 @@ fn hostile_traffic_never_panics_and_stays_bounded() {
                 let _ = match step % 5 {
                     0 => kad.find_node(now, key),
                     1 => kad.get_manifest(now, FileId(key)),
-                    2 => kad.get_providers(now, FileId(key)),
+                    2 => kad.get_providers(now, FileId(key), rng.random_range(1..40)),
                     3 => kad.search(now, "x1 iso"),
                     _ => kad.add_provider(now, FileId(key)),
                 };
