@@ -7,16 +7,20 @@
 //! Connection handles are handed out in increasing order, and a B-tree fed
 //! ascending keys splits its leaves half full, each with its own header
 //! and allocation; sorted `Vec`s hold the same entries in two buffers,
-//! a binary search away, and append at the end. Removing from the middle
-//! moves the tail, a few kilobytes at most for these tables.
+//! a binary search away, and append at the end. The two sequences are
+//! ring buffers (`VecDeque`): an insert or removal moves the entries on
+//! its shorter side, so closing the oldest connections, the common case,
+//! moves almost nothing (with `Vec`s, moving the tail of the values was
+//! a tenth of a 10,000-node `dht-lookups` run).
 //!
 //! Iteration is in key order, as a `BTreeMap`'s, so swapping one for the
 //! other changes no outcome.
 
 use std::borrow::Borrow;
+use std::collections::VecDeque;
 
-/// A map ordered by key, kept as a sorted `Vec` of keys beside a `Vec` of
-/// their values (module docs). Meant for tens to hundreds of entries.
+/// A map ordered by key, kept as a sorted ring buffer of keys beside one
+/// of their values (module docs). Meant for tens to hundreds of entries.
 ///
 /// Keys apart from values: a search reads only the keys, so on a table
 /// nobody touched lately (a simulated node's, most of the time) it misses
@@ -24,14 +28,14 @@ use std::borrow::Borrow;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VecMap<K, V> {
     /// Sorted, no repeats.
-    keys: Vec<K>,
+    keys: VecDeque<K>,
     /// `values[i]` belongs to `keys[i]`.
-    values: Vec<V>,
+    values: VecDeque<V>,
 }
 
 impl<K, V> Default for VecMap<K, V> {
     fn default() -> Self {
-        Self { keys: Vec::new(), values: Vec::new() }
+        Self { keys: VecDeque::new(), values: VecDeque::new() }
     }
 }
 
@@ -40,7 +44,7 @@ impl<K, V> Default for VecMap<K, V> {
 /// size for a node's whole life, so the room a doubling leaves (a quarter
 /// of the buffer on average) would be kept too. Growth stays amortised
 /// O(1) per item.
-fn reserve_one<T>(list: &mut Vec<T>) {
+fn reserve_one<T>(list: &mut VecDeque<T>) {
     if list.len() == list.capacity() {
         list.reserve_exact((list.len() / 8).max(4));
     }
@@ -48,7 +52,7 @@ fn reserve_one<T>(list: &mut Vec<T>) {
 
 /// Give memory back once `list` has shrunk to a quarter of its buffer (a
 /// node's tables shrink after a burst of connections).
-fn release_unused<T>(list: &mut Vec<T>) {
+fn release_unused<T>(list: &mut VecDeque<T>) {
     if list.len() < list.capacity() / 4 {
         list.shrink_to(list.len() * 2);
     }
@@ -145,7 +149,7 @@ impl<K: Ord, V> VecMap<K, V> {
         let value = self.values.remove(i);
         release_unused(&mut self.keys);
         release_unused(&mut self.values);
-        Some(value)
+        value
     }
 
     /// The entry with the smallest key at or after `key`.
@@ -160,7 +164,7 @@ impl<K: Ord, V> VecMap<K, V> {
     /// The entry with the smallest key.
     #[must_use]
     pub fn first_key_value(&self) -> Option<(&K, &V)> {
-        self.keys.first().zip(self.values.first())
+        self.keys.front().zip(self.values.front())
     }
 
     /// Entries in key order.
@@ -203,7 +207,7 @@ impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
 
 impl<K, V> IntoIterator for VecMap<K, V> {
     type Item = (K, V);
-    type IntoIter = std::iter::Zip<std::vec::IntoIter<K>, std::vec::IntoIter<V>>;
+    type IntoIter = std::iter::Zip<std::collections::vec_deque::IntoIter<K>, std::collections::vec_deque::IntoIter<V>>;
 
     /// Entries in key order.
     fn into_iter(self) -> Self::IntoIter {
