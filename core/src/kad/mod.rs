@@ -357,12 +357,17 @@ impl Kademlia {
     /// Find and validate the manifest of `file` (answered locally when held).
     pub fn get_manifest(&mut self, now: Instant, file: FileId) -> QueryId {
         if let Some(manifest) = self.store.manifest(&file.0, now).cloned() {
-            let id = self.alloc_query();
-            let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: true };
-            self.emit_finished(id, stats, QueryResult::GetManifest { manifest: Some(manifest) });
-            return id;
+            return self.answer_locally(QueryResult::GetManifest { manifest: Some(manifest) });
         }
         self.start_query(now, file.0, Goal::GetManifest, true, None)
+    }
+
+    /// A query our own store answers: finished at once, no request sent.
+    fn answer_locally(&mut self, result: QueryResult) -> QueryId {
+        let id = self.alloc_query();
+        let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: true };
+        self.emit_finished(id, stats, result);
+        id
     }
 
     /// Store a manifest on the k nodes closest to its `FileId`, keep a copy,
@@ -396,15 +401,13 @@ impl Kademlia {
     /// every answer from the k closest carries providers, and asking all
     /// k of them for the same list makes those k nodes a hot spot.
     pub fn get_providers(&mut self, now: Instant, file: FileId, enough: usize) -> QueryId {
+        let enough = enough.max(1);
         let found: BTreeMap<NodeId, Contact> =
             self.store.providers(&file, now, &mut self.rng).into_iter().map(|c| (c.id, c)).collect();
-        if found.len() >= enough.max(1) {
-            let id = self.alloc_query();
-            let stats = QueryStats { rounds: 0, messages: 0, duration: Duration::ZERO, success: true };
-            self.emit_finished(id, stats, QueryResult::GetProviders { providers: found.into_values().collect() });
-            return id;
+        if found.len() >= enough {
+            return self.answer_locally(QueryResult::GetProviders { providers: found.into_values().collect() });
         }
-        let goal = Goal::GetProviders { found, enough: enough.max(1) };
+        let goal = Goal::GetProviders { found, enough };
         self.start_query(now, file.0, goal, true, None)
     }
 

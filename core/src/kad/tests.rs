@@ -405,6 +405,11 @@ fn a_provider_lookup_stops_once_it_knows_enough() {
         stats.messages,
         all_stats.messages
     );
+    // A holder that knows enough itself asks nobody.
+    let holder = (0..200).find(|&i| net.node(i).kad.store().provider_count(&file) >= 8).expect("a holder");
+    let (stats, local) = run_query(&mut net, holder, |kad, now| kad.get_providers(now, file, 8));
+    let QueryResult::GetProviders { providers } = local else { panic!("{local:?}") };
+    assert_eq!((stats.messages, stats.success, providers.len()), (0, true, config.providers_returned_max));
 }
 
 #[test]
