@@ -10,8 +10,9 @@
 //! a binary search away, and append at the end. The two sequences are
 //! ring buffers (`VecDeque`): an insert or removal moves the entries on
 //! its shorter side, so closing the oldest connections, the common case,
-//! moves almost nothing (with `Vec`s, moving the tail of the values was
-//! a tenth of a 10,000-node `dht-lookups` run).
+//! moves almost nothing. With `Vec`s, `memmove` was a tenth of perf's
+//! samples in a 10,000-node `dht-lookups` run; with ring buffers the run
+//! took 50.8 s instead of 59.1 s, with the same events.
 //!
 //! Iteration is in key order, as a `BTreeMap`'s, so swapping one for the
 //! other changes no outcome.

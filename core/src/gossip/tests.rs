@@ -110,6 +110,30 @@ fn delivered(outputs: &[GossipOutput]) -> Vec<MessageId> {
         .collect()
 }
 
+/// A rig with eight peers, all of them and us subscribed to `topics`.
+fn subscribed_rig(config: GossipConfig, topics: &[Topic]) -> Rig {
+    let mut rig = Rig::new(config);
+    for i in 1..=8 {
+        rig.connect(i, false);
+        for &topic in topics {
+            rig.from(i, GossipMessage::Subscribe(topic));
+        }
+    }
+    for &topic in topics {
+        rig.input(GossipInput::Subscribe(topic));
+    }
+    rig
+}
+
+/// Whether a publish was forwarded to anyone.
+fn relayed(outputs: &[GossipOutput]) -> bool {
+    !sent(outputs, |m| matches!(m, GossipMessage::Publish { .. })).is_empty()
+}
+
+fn contact_of(origin: u64) -> Contact {
+    Contact { id: node(origin), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)) }
+}
+
 fn publish_from(origin: u64, seq: u64, payload: Announcement) -> GossipMessage {
     GossipMessage::Publish { topic: Topic::Files, origin: node(origin), seq, payload }
 }
@@ -708,25 +732,14 @@ fn a_publish_with_no_known_subscriber_is_held_until_one_appears() {
 #[test]
 fn peers_announcements_are_relayed_within_the_budget() {
     let config = GossipConfig { peers_relay_burst: 3, peers_relay_per_min: 60, ..GossipConfig::default() };
-    let mut rig = Rig::new(config);
-    for i in 1..=8 {
-        rig.connect(i, false);
-        rig.from(i, GossipMessage::Subscribe(Topic::Peers));
-        rig.from(i, GossipMessage::Subscribe(Topic::Files));
-    }
-    rig.input(GossipInput::Subscribe(Topic::Peers));
-    rig.input(GossipInput::Subscribe(Topic::Files));
+    let mut rig = subscribed_rig(config, &[Topic::Peers, Topic::Files]);
     let source = *rig.gossip.mesh_peers(Topic::Peers).collect::<Vec<_>>().first().unwrap();
-    let announce = |origin: u64| {
-        let contact = Contact { id: node(origin), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)) };
-        GossipMessage::Publish {
-            topic: Topic::Peers,
-            origin: node(origin),
-            seq: 1,
-            payload: Announcement::Peer(contact),
-        }
+    let announce = |origin: u64| GossipMessage::Publish {
+        topic: Topic::Peers,
+        origin: node(origin),
+        seq: 1,
+        payload: Announcement::Peer(contact_of(origin)),
     };
-    let relayed = |out: &[GossipOutput]| !sent(out, |m| matches!(m, GossipMessage::Publish { .. })).is_empty();
     let mut pattern = Vec::new();
     for origin in 100..105 {
         let out = rig.from(source.0, announce(origin));
@@ -751,23 +764,14 @@ fn peers_announcements_are_relayed_within_the_budget() {
 fn swarm_notices_are_relayed_within_their_own_budget() {
     let config =
         GossipConfig { swarm_relay_burst: 2, swarm_relay_per_min: 60, peers_relay_burst: 1, ..GossipConfig::default() };
-    let mut rig = Rig::new(config);
-    for i in 1..=8 {
-        rig.connect(i, false);
-        rig.from(i, GossipMessage::Subscribe(Topic::Swarm));
-        rig.from(i, GossipMessage::Subscribe(Topic::Peers));
-    }
-    rig.input(GossipInput::Subscribe(Topic::Swarm));
-    rig.input(GossipInput::Subscribe(Topic::Peers));
+    let mut rig = subscribed_rig(config, &[Topic::Swarm, Topic::Peers]);
     let source = *rig.gossip.mesh_peers(Topic::Swarm).collect::<Vec<_>>().first().unwrap();
-    let contact = |origin: u64| Contact { id: node(origin), addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)) };
     let notice = |origin: u64| GossipMessage::Publish {
         topic: Topic::Swarm,
         origin: node(origin),
         seq: 1,
-        payload: Announcement::Swarm { file: FileId([7; 32]), node: contact(origin), seeding: false },
+        payload: Announcement::Swarm { file: FileId([7; 32]), node: contact_of(origin), seeding: false },
     };
-    let relayed = |out: &[GossipOutput]| !sent(out, |m| matches!(m, GossipMessage::Publish { .. })).is_empty();
     let mut pattern = Vec::new();
     for origin in 100..104 {
         let out = rig.from(source.0, notice(origin));
@@ -780,7 +784,7 @@ fn swarm_notices_are_relayed_within_their_own_budget() {
         topic: Topic::Peers,
         origin: node(200),
         seq: 1,
-        payload: Announcement::Peer(contact(200)),
+        payload: Announcement::Peer(contact_of(200)),
     };
     let source = *rig.gossip.mesh_peers(Topic::Peers).collect::<Vec<_>>().first().unwrap();
     assert!(relayed(&rig.from(source.0, peer)), "the Peers budget is untouched");
