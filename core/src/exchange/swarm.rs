@@ -1013,10 +1013,15 @@ impl Swarm {
                 // (libtorrent's `send_redundant_have = false`). Those who
                 // sent the piece still hear of it: a super seed (BEP 16)
                 // reveals more to a peer once it announces what it got.
-                if !self.peer_holds(slot, piece) || senders.contains(&slot) {
+                // Our interest in a peer can only end if it holds the piece
+                // we no longer want.
+                let holds = self.peer_holds(slot, piece);
+                if !holds || senders.contains(&slot) {
                     self.announce_piece(now, slot, piece, out);
                 }
-                self.update_interest(slot, out);
+                if holds {
+                    self.update_interest(slot, out);
+                }
             }
             if complete {
                 self.download = None;

@@ -5,12 +5,23 @@
 //! two sets descends only where both summaries overlap, so it never scans
 //! the empty parts of either set.
 
+/// Layers a set of `u32` positions can need: 64^6 > 2^32.
+const LAYERS_MAX: usize = 6;
+
 /// Set of positions `0..capacity` with O(layers) insert/remove and
 /// summary-guided search.
+///
+/// All layers live in one allocation, leaves first: a membership test is
+/// one load behind the set's pointer. (A `Vec` per layer cost a second,
+/// dependent cache miss; a piece's holders are tested for every session
+/// whenever a piece completes.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HierBitset {
-    /// `layers[0]` are the leaves; `layers.last()` has exactly one word.
-    layers: Vec<Vec<u64>>,
+    /// Layer `l` is `words[starts[l]..starts[l + 1]]`; layer 0 holds the
+    /// leaves and the last layer exactly one word.
+    words: Box<[u64]>,
+    starts: [u32; LAYERS_MAX + 1],
+    layers: u8,
     capacity: u32,
     count: u32,
 }
@@ -18,16 +29,19 @@ pub(crate) struct HierBitset {
 impl HierBitset {
     /// An empty set for positions `0..capacity`.
     pub(crate) fn new(capacity: u32) -> Self {
-        let mut layers = Vec::new();
-        let mut width = (capacity as usize).div_ceil(64).max(1);
+        let mut starts = [0u32; LAYERS_MAX + 1];
+        let mut layers = 0;
+        let mut width = capacity.div_ceil(64).max(1);
         loop {
-            layers.push(vec![0u64; width]);
+            starts[layers + 1] = starts[layers] + width;
+            layers += 1;
             if width == 1 {
                 break;
             }
             width = width.div_ceil(64);
         }
-        Self { layers, capacity, count: 0 }
+        let words = vec![0u64; starts[layers] as usize].into_boxed_slice();
+        Self { words, starts, layers: layers as u8, capacity, count: 0 }
     }
 
     /// Number of positions present.
@@ -39,8 +53,14 @@ impl HierBitset {
         self.count == 0
     }
 
+    /// Layer `l`'s words.
+    fn layer(&self, l: usize) -> &[u64] {
+        &self.words[self.starts[l] as usize..self.starts[l + 1] as usize]
+    }
+
     pub(crate) fn contains(&self, pos: u32) -> bool {
-        pos < self.capacity && self.layers[0][(pos / 64) as usize] & (1 << (pos % 64)) != 0
+        // Leaves start at word 0.
+        pos < self.capacity && self.words[(pos / 64) as usize] & (1 << (pos % 64)) != 0
     }
 
     /// Add `pos`; returns whether it was absent.
@@ -50,8 +70,8 @@ impl HierBitset {
             return false;
         }
         let mut index = pos as usize;
-        for layer in &mut self.layers {
-            let word = &mut layer[index / 64];
+        for l in 0..usize::from(self.layers) {
+            let word = &mut self.words[self.starts[l] as usize + index / 64];
             let was_empty = *word == 0;
             *word |= 1u64 << (index % 64);
             if !was_empty {
@@ -69,8 +89,8 @@ impl HierBitset {
             return false;
         }
         let mut index = pos as usize;
-        for layer in &mut self.layers {
-            let word = &mut layer[index / 64];
+        for l in 0..usize::from(self.layers) {
+            let word = &mut self.words[self.starts[l] as usize + index / 64];
             *word &= !(1u64 << (index % 64));
             if *word != 0 {
                 break; // siblings remain: the parent bit stays
@@ -84,13 +104,15 @@ impl HierBitset {
     /// Lowest position present in both sets (same capacity).
     pub(crate) fn first_common(&self, other: &HierBitset) -> Option<u32> {
         assert_eq!(self.capacity, other.capacity, "sets of different capacity");
-        self.descend(self.layers.len() - 1, 0, Some(other))
+        self.descend(usize::from(self.layers) - 1, 0, Some(other))
     }
 
     fn descend(&self, layer: usize, word_index: usize, other: Option<&HierBitset>) -> Option<u32> {
-        let mut mask = self.layers[layer][word_index];
+        let at = self.starts[layer] as usize + word_index;
+        let mut mask = self.words[at];
         if let Some(other) = other {
-            mask &= other.layers[layer][word_index];
+            // Same capacity, so the same layout.
+            mask &= other.words[at];
         }
         while mask != 0 {
             let child = word_index * 64 + mask.trailing_zeros() as usize;
@@ -109,8 +131,8 @@ impl HierBitset {
     /// Positions present, ascending. Skips empty leaf words through the
     /// first summary layer: O(capacity / 4096 + count).
     pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        let leaves = &self.layers[0];
-        let summary: &[u64] = self.layers.get(1).map_or(&[u64::MAX][..], Vec::as_slice);
+        let leaves = self.layer(0);
+        let summary: &[u64] = if self.layers > 1 { self.layer(1) } else { &[u64::MAX][..] };
         set_bits(summary)
             .filter(|&w| (w as usize) < leaves.len())
             .flat_map(move |w| set_bits(std::slice::from_ref(&leaves[w as usize])).map(move |bit| w * 64 + bit))
@@ -118,7 +140,7 @@ impl HierBitset {
 
     /// Bytes of heap memory held.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.len() * 8).sum()
+        self.words.len() * 8
     }
 }
 
@@ -144,12 +166,14 @@ mod tests {
 
     #[test]
     fn layers_shrink_to_one_top_word() {
-        assert_eq!(HierBitset::new(0).layers.len(), 1);
-        assert_eq!(HierBitset::new(64).layers.len(), 1);
-        assert_eq!(HierBitset::new(65).layers.len(), 2);
-        assert_eq!(HierBitset::new(4096).layers.len(), 2);
-        assert_eq!(HierBitset::new(100_000).layers.len(), 3);
-        assert_eq!(HierBitset::new(100_000).layers[1].len(), 25);
+        assert_eq!(HierBitset::new(0).layers, 1);
+        assert_eq!(HierBitset::new(64).layers, 1);
+        assert_eq!(HierBitset::new(65).layers, 2);
+        assert_eq!(HierBitset::new(4096).layers, 2);
+        assert_eq!(HierBitset::new(100_000).layers, 3);
+        assert_eq!(HierBitset::new(100_000).layer(1).len(), 25);
+        assert_eq!(HierBitset::new(100_000).layer(0).len(), 1563);
+        assert_eq!(HierBitset::new(64 * 64 * 64 + 1).layers, 4);
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! `request_timeout_min`) is freed for others and the peer is snubbed: its
 //! depth drops to one until a block arrives.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -200,6 +201,9 @@ pub struct Download {
     peers: Vec<Option<PeerState>>,
     deadlines: BTreeSet<(Instant, PeerSlot, BlockRef)>,
     unverified_bytes: u64,
+    /// Free blocks of started pieces (the sum of their `free`): with none,
+    /// a request search skips the walks over started pieces.
+    free_blocks: u64,
     streaming_from: Option<PieceIndex>,
     /// File priority: 0 pauses new requests; 1..=7 scale depth by p/4.
     priority: u8,
@@ -233,6 +237,7 @@ impl Download {
             peers: vec![None; usize::from(peers_max)],
             deadlines: BTreeSet::new(),
             unverified_bytes: 0,
+            free_blocks: 0,
             streaming_from: None,
             priority: PRIORITY_NORMAL,
         }
@@ -374,10 +379,15 @@ impl Download {
             return out;
         }
         let depth = self.depth(slot) as usize;
-        // Rates only change when blocks arrive: once per call, not per block.
-        let average = self.average_rate();
+        if self.inflight(slot) >= depth {
+            // The common case on a HAVE: the pipeline is full.
+            return out;
+        }
+        // Rates only change when blocks arrive: at most once per call, and
+        // only if a takeover is considered.
+        let average = OnceCell::new();
         while self.inflight(slot) < depth {
-            let Some(block) = self.next_block(slot, average) else { break };
+            let Some(block) = self.next_block(slot, &average) else { break };
             self.mark_requested(slot, block, now);
             out.push(block);
         }
@@ -386,13 +396,16 @@ impl Download {
 
     /// The next free block of a piece `slot` already owns.
     fn owned_free_block(&self, slot: PeerSlot) -> Option<BlockRef> {
+        if self.free_blocks == 0 {
+            return None;
+        }
         self.peer(slot)?.owned.iter().find_map(|&piece| {
             let block = self.partials.get(&piece).and_then(Partial::first_free)?;
             Some(BlockRef { piece, block })
         })
     }
 
-    fn next_block(&mut self, slot: PeerSlot, average: Option<u64>) -> Option<BlockRef> {
+    fn next_block(&mut self, slot: PeerSlot, average: &OnceCell<Option<u64>>) -> Option<BlockRef> {
         if let Some(block) = self.streaming_block(slot) {
             return Some(block);
         }
@@ -478,12 +491,16 @@ impl Download {
 
     /// Whether a piece owner is far slower than average. An owner without
     /// a rate sample yet is given the benefit of the doubt.
-    fn is_slow(&self, owner: PeerSlot, average: Option<u64>) -> bool {
-        let (Some(average), Some(owner_rate)) = (average, self.rate(owner)) else { return false };
+    fn is_slow(&self, owner: PeerSlot, average: &OnceCell<Option<u64>>) -> bool {
+        let Some(owner_rate) = self.rate(owner) else { return false };
+        let Some(average) = *average.get_or_init(|| self.average_rate()) else { return false };
         owner_rate.saturating_mul(u64::from(self.config.slow_peer_ratio)) < average
     }
 
-    fn takeover_piece(&self, slot: PeerSlot, average: Option<u64>) -> Option<PieceIndex> {
+    fn takeover_piece(&self, slot: PeerSlot, average: &OnceCell<Option<u64>>) -> Option<PieceIndex> {
+        if self.free_blocks == 0 {
+            return None;
+        }
         self.partials
             .iter()
             .filter(|(piece, partial)| {
@@ -498,7 +515,7 @@ impl Download {
     }
 
     fn endgame_block(&self, slot: PeerSlot) -> Option<BlockRef> {
-        if self.picker.free() > 0 || self.partials.values().any(|p| p.free > 0) || self.inflight(slot) > 0 {
+        if self.picker.free() > 0 || self.free_blocks > 0 || self.inflight(slot) > 0 {
             return None;
         }
         let max = self.config.endgame_requests_per_block_max;
@@ -519,6 +536,7 @@ impl Download {
         self.picker.start(piece);
         let blocks = self.layout.block_count(piece);
         self.unverified_bytes += u64::from(self.layout.piece_len(piece));
+        self.free_blocks += u64::from(blocks);
         self.partials.insert(
             piece,
             Partial {
@@ -550,6 +568,7 @@ impl Download {
         *state = match *state {
             BlockState::Free => {
                 partial.free -= 1;
+                self.free_blocks -= 1;
                 BlockState::Requested(slot, None)
             }
             BlockState::Requested(first, None) => BlockState::Requested(first, Some(slot)),
@@ -574,6 +593,7 @@ impl Download {
             BlockState::Requested(first, Some(second)) if second == slot => BlockState::Requested(first, None),
             BlockState::Requested(first, None) if first == slot => {
                 partial.free += 1;
+                self.free_blocks += 1;
                 BlockState::Free
             }
             other => other,
@@ -610,7 +630,10 @@ impl Download {
                     cancels.push((other, block));
                 }
             }
-            BlockState::Free => partial.free -= 1,
+            BlockState::Free => {
+                partial.free -= 1;
+                self.free_blocks -= 1;
+            }
         }
         partial.blocks[block.block as usize] = BlockState::Received;
         partial.received += 1;
@@ -654,6 +677,21 @@ impl Download {
         true
     }
 
+    /// Check the counters kept alongside the started pieces (tests only;
+    /// O(started pieces + requests)).
+    #[cfg(test)]
+    pub(crate) fn assert_invariants(&self) {
+        let free: u64 = self.partials.values().map(|p| u64::from(p.free)).sum();
+        assert_eq!(self.free_blocks, free, "free_blocks is the sum of the started pieces' free blocks");
+        for partial in self.partials.values() {
+            let counted = partial.blocks.iter().filter(|b| **b == BlockState::Free).count();
+            assert_eq!(partial.free as usize, counted, "a piece's free count matches its blocks");
+        }
+        let unverified: u64 = self.partials.keys().map(|&p| u64::from(self.layout.piece_len(p))).sum();
+        assert_eq!(self.unverified_bytes, unverified, "unverified bytes are the started pieces' bytes");
+        self.picker.assert_invariants();
+    }
+
     /// The piece hashed correctly and is being stored; returns the peers
     /// that sent its blocks.
     pub fn piece_passed(&mut self, piece: PieceIndex) -> Vec<PeerSlot> {
@@ -661,6 +699,7 @@ impl Download {
         if let Some(partial) = self.partials.remove(&piece) {
             contributors = partial.contributors;
             self.unverified_bytes -= u64::from(self.layout.piece_len(piece));
+            self.free_blocks -= u64::from(partial.free);
             if let Some(owner) = partial.owner
                 && let Some(state) = self.peers[usize::from(owner.0)].as_mut()
             {
@@ -683,6 +722,7 @@ impl Download {
             }
         }
         partial.blocks.fill(BlockState::Free);
+        self.free_blocks += u64::from(partial.blocks.len() as u32 - partial.free);
         partial.free = partial.blocks.len() as u32;
         partial.received = 0;
         if let Some(owner) = partial.owner.take()

@@ -312,3 +312,68 @@ fn a_block_asked_twice_across_a_choke_may_come_twice() {
     assert!(d.on_block(A, other, t(40)).is_ok(), "a dropped request's block is taken while missing");
     assert_eq!(d.on_block(A, other, t(41)).unwrap_err(), BlockError::Unsolicited, "once only");
 }
+
+/// Random sequences of everything a download hears, with its counters
+/// checked after each step: the fast paths of `next_requests` lean on
+/// `free_blocks`, so it must always be the sum of the started pieces'.
+#[test]
+fn counters_hold_through_random_histories() {
+    use rand::RngExt;
+    for seed in 0..64u64 {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // 12 pieces of 2 blocks, then a short last piece of 1.
+        let layout = Layout::new(12 * 32 * 1024 + 100, 32 * 1024).unwrap();
+        let config = DownloadConfig { unverified_bytes_max: 16 * 1024 * 1024, ..DownloadConfig::default() };
+        let mut d = Download::new(layout, 4, config, [], &mut rng);
+        let mut present = [false; 4];
+        let mut asked: Vec<(PeerSlot, BlockRef)> = Vec::new();
+        let mut now = 0;
+        for _ in 0..400 {
+            now += rng.random_range(1..400u64);
+            let slot = PeerSlot(rng.random_range(0..4u16));
+            let here = present[usize::from(slot.0)];
+            match rng.random_range(0..10u32) {
+                0 if !here => {
+                    d.add_peer(slot).unwrap();
+                    present[usize::from(slot.0)] = true;
+                }
+                0 | 1 if here => {
+                    let piece = PieceIndex(rng.random_range(0..layout.piece_count()));
+                    d.peer_have(slot, piece).unwrap();
+                }
+                2 if here => d.set_choked(slot, rng.random_bool(0.3)),
+                3 | 4 if here => {
+                    for block in d.next_requests(slot, t(now)) {
+                        asked.push((slot, block));
+                    }
+                }
+                5 | 6 if !asked.is_empty() => {
+                    let (from, block) = asked.swap_remove(rng.random_range(0..asked.len()));
+                    if let Ok(accepted) = d.on_block(from, block, t(now))
+                        && accepted.piece_complete
+                    {
+                        if rng.random_bool(0.8) {
+                            d.piece_passed(block.piece);
+                        } else {
+                            d.piece_failed(block.piece);
+                        }
+                    }
+                }
+                7 if !asked.is_empty() => {
+                    let (from, block) = asked[rng.random_range(0..asked.len())];
+                    d.on_reject(from, block);
+                }
+                8 => {
+                    d.handle_timeout(t(now));
+                }
+                9 if here && rng.random_bool(0.2) => {
+                    d.remove_peer(slot).unwrap();
+                    present[usize::from(slot.0)] = false;
+                    asked.retain(|(from, _)| *from != slot);
+                }
+                _ => {}
+            }
+            d.assert_invariants();
+        }
+    }
+}
