@@ -43,6 +43,34 @@ impl MemoryStore {
         self.files.get(file)?.pieces.get(piece.0 as usize)?.clone()
     }
 
+    /// [`Store::write_piece`] for a caller that already knows the bytes'
+    /// SHA-256: the store compares `hash` with the manifest's instead of
+    /// hashing the bytes again. The simulator passes the hash it memoised
+    /// for the plan file's exact bytes.
+    ///
+    /// # Errors
+    /// As [`Store::write_piece`].
+    pub fn write_hashed_piece(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+        hash: &PieceHash,
+    ) -> Result<(), StoreError> {
+        let entry = self.file_mut(file)?;
+        entry.meta.check_piece_index(piece)?;
+        if entry.held.contains(piece) {
+            return Ok(());
+        }
+        entry.meta.check_piece(piece, &data, false)?;
+        if entry.meta.hashes[piece.0 as usize] != *hash {
+            return Err(StoreError::PieceHashMismatch { file: *file, piece });
+        }
+        entry.pieces[piece.0 as usize] = Some(data);
+        entry.held.insert(piece);
+        Ok(())
+    }
+
     fn file_mut(&mut self, file: &FileId) -> Result<&mut MemoryFile, StoreError> {
         self.files.get_mut(file).ok_or(StoreError::UnknownFile { file: *file })
     }

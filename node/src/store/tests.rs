@@ -356,6 +356,33 @@ fn memory_shared_pieces_are_slices_of_the_source() {
     ));
 }
 
+#[test]
+fn memory_hashed_writes_check_the_given_hash() {
+    let sample = Sample::small(9);
+    let mut store = MemoryStore::new();
+    store.create(&sample.manifest, &sample.hashes).unwrap();
+    let (one, two) = (PieceIndex(1), PieceIndex(2));
+    // A hash other than the manifest's is refused, whatever the bytes.
+    assert!(matches!(
+        store.write_hashed_piece(&sample.id, one, sample.piece(1), &sample.hashes[2]),
+        Err(StoreError::PieceHashMismatch { .. })
+    ));
+    // Lengths and ranges are still checked.
+    assert!(matches!(
+        store.write_hashed_piece(&sample.id, one, sample.piece(1).slice(1..), &sample.hashes[1]),
+        Err(StoreError::WrongPieceLength { .. })
+    ));
+    assert!(matches!(
+        store.write_hashed_piece(&sample.id, PieceIndex(sample.pieces()), sample.piece(1), &sample.hashes[1]),
+        Err(StoreError::PieceOutOfRange { .. })
+    ));
+    assert_eq!(store.held(&sample.id).unwrap().count(), 0);
+    store.write_hashed_piece(&sample.id, one, sample.piece(1), &sample.hashes[1]).unwrap();
+    store.write_piece(&sample.id, two, sample.piece(2)).unwrap();
+    assert_eq!(store.held(&sample.id).unwrap().indices(), vec![one, two]);
+    assert_blocks_match(&mut store, &sample);
+}
+
 // ---- disk store ----
 
 fn open(dir: &Path) -> DiskStore {
