@@ -13,10 +13,11 @@
 //! `ServeBlock` reads the store and sends the block, then reports
 //! `BlockSent`; `VerifyPiece` is hashed at once (as the driver does under
 //! turmoil; bytes equal to the plan file's piece take the hash memoised
-//! when the file was generated); `StorePiece` writes the store; `Disconnect` sends a
-//! goodbye; a crash resets its connections (peers learn after one
-//! latency); a partition wedges the connections it cuts, which the peers'
-//! idle timeouts close (computed from the driver's keepalive schedule).
+//! when the file was generated); `StorePiece` writes the store;
+//! `Disconnect` sends a goodbye; a crash resets its connections (peers
+//! learn after one latency); a partition wedges the connections it cuts,
+//! which the peers' idle timeouts close (computed from the driver's
+//! keepalive schedule).
 //! The driver's limits and timeouts are read from `DriverConfig`'s
 //! defaults, so the two stay in step.
 //!
@@ -829,8 +830,10 @@ impl<'a> Engine<'a> {
                 NodeOutput::VerifyPiece(job) => node.handle_input(now, NodeInput::PieceHashed(self.hash_piece(&job))),
                 NodeOutput::StorePiece(StorePiece { file, piece, data }) => {
                     let store = &mut self.hosts[host].store;
-                    // The plan file's bytes are stored as its shared slice,
-                    // with their memoised hash (`hash_piece`).
+                    // A verified piece of a plan file is stored as a slice
+                    // of the file's one shared buffer, with its memoised
+                    // hash (`hash_piece`), so a thousand holders hold one
+                    // copy and the node's assembled copy is freed.
                     let written = match Self::canonical_piece(&self.content_of, &self.contents, &file, piece, &data) {
                         Some((content, range)) => store.write_hashed_piece(
                             &file,
@@ -877,9 +880,6 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// A verified piece of a plan file is stored as a slice of the file's
-    /// one shared buffer (after checking the bytes are the same), so a
-    /// thousand holders hold one copy; the node's assembled copy is freed.
     /// The driver's hashing of a piece, with a memo: bytes equal to the
     /// plan file's piece have the hash computed when the file was
     /// generated (SHA-256 is a function of the bytes), so only bytes that
