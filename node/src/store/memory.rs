@@ -57,13 +57,26 @@ impl MemoryStore {
         data: Bytes,
         hash: &PieceHash,
     ) -> Result<(), StoreError> {
+        self.insert_piece(file, piece, data, Some(hash))
+    }
+
+    /// Keep a verified piece: range and length checked, then the hash,
+    /// `known` or computed from the bytes. A piece held already is kept
+    /// as it is.
+    fn insert_piece(
+        &mut self,
+        file: &FileId,
+        piece: PieceIndex,
+        data: Bytes,
+        known: Option<&PieceHash>,
+    ) -> Result<(), StoreError> {
         let entry = self.file_mut(file)?;
         entry.meta.check_piece_index(piece)?;
         if entry.held.contains(piece) {
             return Ok(());
         }
-        entry.meta.check_piece(piece, &data, false)?;
-        if entry.meta.hashes[piece.0 as usize] != *hash {
+        entry.meta.check_piece(piece, &data, known.is_none())?;
+        if known.is_some_and(|hash| *hash != entry.meta.hashes[piece.0 as usize]) {
             return Err(StoreError::PieceHashMismatch { file: *file, piece });
         }
         entry.pieces[piece.0 as usize] = Some(data);
@@ -138,15 +151,7 @@ impl Store for MemoryStore {
     }
 
     fn write_piece(&mut self, file: &FileId, piece: PieceIndex, data: Bytes) -> Result<(), StoreError> {
-        let entry = self.file_mut(file)?;
-        entry.meta.check_piece_index(piece)?;
-        if entry.held.contains(piece) {
-            return Ok(());
-        }
-        entry.meta.check_piece(piece, &data, true)?;
-        entry.pieces[piece.0 as usize] = Some(data);
-        entry.held.insert(piece);
-        Ok(())
+        self.insert_piece(file, piece, data, None)
     }
 
     fn read_block(&mut self, file: &FileId, piece: PieceIndex, offset: u32, length: u32) -> Result<Bytes, StoreError> {
