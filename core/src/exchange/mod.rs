@@ -36,9 +36,10 @@
 //!
 //! Super seeding (`super_seeding`, for a seed that starts a swarm): the
 //! seed announces `HaveNone` and reveals pieces by `Have`, a couple per
-//! peer at a time in one global order, revealing the next when the peer
-//! announces it holds the last; so no piece is served twice before every
-//! piece was served once (Bharambe, Herley, Padmanabhan 2006).
+//! peer at a time in one global order, revealing the next to a peer when
+//! any peer announces one of the pieces revealed to it (BEP 16: the piece
+//! has spread); so no piece is served twice before every piece was served
+//! once (Bharambe, Herley, Padmanabhan 2006).
 //!
 //! Call order (STYLE.md §1): one `handle_input`/`handle_timeout`, then
 //! `poll_output` until `None`, then arm a timer for `poll_timeout`.

@@ -505,19 +505,43 @@ impl Swarm {
         }
     }
 
-    /// Super seeding: the peer holds `piece` now; reveal the next one.
+    /// Super seeding: the peer at `slot` holds `pieces` now. Those pieces
+    /// have spread, so no peer waits on us for them any more: every peer
+    /// they were revealed to (the announcer, and others still fetching
+    /// them) is shown the next pieces in their place. That is BEP 16's
+    /// signal, a revealed piece seen at another peer, and it matters
+    /// because a peer that fetched its revealed piece from a neighbour
+    /// never tells us: we hold the piece, so its HAVE to us is redundant
+    /// and suppressed. Waiting on that HAVE left a 200-peer crowd (des,
+    /// seed 3) with every peer revealed pieces it already had, and four
+    /// pieces never revealed at all.
     fn super_seed_peer_has(&mut self, slot: PeerSlot, pieces: &[PieceIndex], out: &mut VecDeque<ExchangeOutput>) {
         if self.super_seed.is_none() {
             return;
         }
-        let Some(session) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
+        let Some(announcer) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
         for piece in pieces {
-            if let Some(byte) = session.peer_pieces.get_mut((piece.0 / 8) as usize) {
+            if let Some(byte) = announcer.peer_pieces.get_mut((piece.0 / 8) as usize) {
                 *byte |= 0x80 >> (piece.0 % 8);
             }
-            session.revealed.retain(|p| p != piece);
         }
-        self.reveal(slot, out);
+        let spread = std::mem::take(&mut announcer.peer_pieces);
+        let holds = |p: &PieceIndex| spread.get((p.0 / 8) as usize).is_some_and(|b| b & (0x80 >> (p.0 % 8)) != 0);
+        let mut short = Vec::new();
+        for (index, session) in self.sessions.iter_mut().enumerate() {
+            let Some(session) = session.as_mut() else { continue };
+            let before = session.revealed.len();
+            session.revealed.retain(|p| !holds(p));
+            if index == usize::from(slot.0) || session.revealed.len() < before {
+                short.push(PeerSlot(index as u16));
+            }
+        }
+        if let Some(announcer) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) {
+            announcer.peer_pieces = spread;
+        }
+        for slot in short {
+            self.reveal(slot, out);
+        }
     }
 
     /// Tell the peer at `slot` we hold `piece`. A peer we unchoke may ask

@@ -686,6 +686,51 @@ fn a_super_seed_serves_each_piece_once_before_any_twice() {
     eprintln!("super seed: served {} piece starts for 64 pieces to 8 leechers", starts.len());
 }
 
+/// A super seed learns a revealed piece has spread from whoever announces
+/// it, not only from the peer it was revealed to: that peer may fetch it
+/// from a neighbour and, since we hold the piece, never send us the HAVE
+/// (redundant HAVEs are suppressed). Waiting on it stalled a 200-peer
+/// crowd with four pieces never revealed.
+#[test]
+fn a_super_seed_reveals_more_when_another_peer_announces_a_revealed_piece() {
+    let (_, content, manifest) = test_file(64, 7);
+    let file = content.file_id;
+    let config = ExchangeConfig { super_seeding: true, super_seed_reveals_per_peer: 2, ..ExchangeConfig::default() };
+    let mut seed = Probe::new(config, 13);
+    let t0 = Instant::ZERO;
+    seed.input(t0, ExchangeInput::Seed { manifest, piece_hashes: content.piece_hashes.clone() });
+    for peer in 1..=2u64 {
+        seed.connect(t0, peer);
+        seed.from(t0, peer, ExchangeMessage::HaveNone { file });
+    }
+    let revealed = |seed: &Probe, conn: u64| -> Vec<PieceIndex> {
+        let mut pieces: Vec<PieceIndex> = seed
+            .sent
+            .iter()
+            .filter(|(c, _)| c.0 == conn)
+            .flat_map(|(_, m)| match m {
+                ExchangeMessage::Have { pieces, .. } => pieces.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        pieces.sort();
+        pieces
+    };
+    let (first, second) = (revealed(&seed, 1), revealed(&seed, 2));
+    assert_eq!((first.len(), second.len()), (2, 2), "two pieces revealed to each peer");
+    assert!(first.iter().all(|p| !second.contains(p)), "no piece revealed twice before all once");
+    // Peer 2 got peer 1's first piece from peer 1 and announces it; peer 1
+    // (which holds it too) says nothing, as its HAVE would be redundant.
+    seed.from(t0, 2, ExchangeMessage::Have { file, pieces: vec![first[0]] });
+    let now_first = revealed(&seed, 1);
+    assert_eq!(now_first.len(), 3, "peer 1 is shown a new piece in place of the one that spread: {now_first:?}");
+    let new: Vec<_> = now_first.iter().filter(|p| !first.contains(p)).collect();
+    assert!(new.len() == 1 && !second.contains(new[0]), "the new piece was revealed to nobody before: {new:?}");
+    // Peer 2 still waits on its own two reveals: announcing a piece that
+    // was not revealed to it changes nothing for it.
+    assert_eq!(revealed(&seed, 2), second);
+}
+
 /// A node with no room for another peer of a file says so with a `Leave`
 /// (a silent refusal left the opener waiting forever on a session nobody
 /// serves: a 100-peer swarm had a download stuck at 0 pieces); the
