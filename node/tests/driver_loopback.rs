@@ -217,7 +217,14 @@ async fn pieces_hashed_off_the_loop_catch_a_corrupt_seeder() {
         store.add_shared(Bytes::from(data.clone()), &manifest, &content.piece_hashes).unwrap();
         store
     };
-    let mut honest = start(21, shared()).await;
+    // The honest seeder uploads at 1 MiB/s, so it alone needs 2 s for the
+    // file: the corrupt one, found by the same lookup in milliseconds on
+    // loopback, is always asked for pieces. Unthrottled, the honest seeder
+    // sometimes served the whole file first (1 run in 12) and nothing was
+    // blamed.
+    let throttled =
+        DriverConfig { max_upload_bytes_per_s: Some(1024 * 1024), ..DriverConfig::new("127.0.0.1:0".parse().unwrap()) };
+    let mut honest = start_with(21, shared(), throttled).await;
     let mut corrupt = start_with(22, Corrupting(shared()), DriverConfig::new("127.0.0.1:0".parse().unwrap())).await;
     let config = DriverConfig { pieces_hashing_max: 1, ..DriverConfig::new("127.0.0.1:0".parse().unwrap()) };
     let mut c = start_with(23, MemoryStore::new(), config).await;

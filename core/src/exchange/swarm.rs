@@ -225,12 +225,12 @@ impl Swarm {
     }
 
     fn has(&self, piece: PieceIndex) -> bool {
-        self.have.get((piece.0 / 8) as usize).is_some_and(|byte| byte & (0x80 >> (piece.0 % 8)) != 0)
+        packed_has(&self.have, piece)
     }
 
     fn set_have(&mut self, piece: PieceIndex) {
         if !self.has(piece) {
-            self.have[(piece.0 / 8) as usize] |= 0x80 >> (piece.0 % 8);
+            packed_set(&mut self.have, piece);
             self.have_count += 1;
         }
     }
@@ -488,8 +488,7 @@ impl Swarm {
         while session.revealed.len() < per_peer && offset < pieces {
             let at = (superseed.cursor + offset) % pieces;
             let piece = superseed.order[at];
-            let held = session.peer_pieces[(piece / 8) as usize] & (0x80 >> (piece % 8)) != 0;
-            if held || session.revealed.contains(&PieceIndex(piece)) {
+            if packed_has(&session.peer_pieces, PieceIndex(piece)) || session.revealed.contains(&PieceIndex(piece)) {
                 offset += 1;
                 continue;
             }
@@ -520,23 +519,21 @@ impl Swarm {
             return;
         }
         let Some(announcer) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
-        for piece in pieces {
-            if let Some(byte) = announcer.peer_pieces.get_mut((piece.0 / 8) as usize) {
-                *byte |= 0x80 >> (piece.0 % 8);
-            }
+        for &piece in pieces {
+            packed_set(&mut announcer.peer_pieces, piece);
         }
+        // Borrowed out while the other sessions are edited, then put back.
         let spread = std::mem::take(&mut announcer.peer_pieces);
-        let holds = |p: &PieceIndex| spread.get((p.0 / 8) as usize).is_some_and(|b| b & (0x80 >> (p.0 % 8)) != 0);
         let mut short = Vec::new();
         for (index, session) in self.sessions.iter_mut().enumerate() {
             let Some(session) = session.as_mut() else { continue };
             let before = session.revealed.len();
-            session.revealed.retain(|p| !holds(p));
+            session.revealed.retain(|&p| !packed_has(&spread, p));
             if index == usize::from(slot.0) || session.revealed.len() < before {
                 short.push(PeerSlot(index as u16));
             }
         }
-        if let Some(announcer) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) {
+        if let Some(announcer) = self.session_mut(slot) {
             announcer.peer_pieces = spread;
         }
         for slot in short {
@@ -769,10 +766,7 @@ impl Swarm {
                     download.peer_bitfield(slot, &bits).map_err(|_| Violation::BadBitfield)?;
                 }
                 if self.super_seed.is_some() {
-                    let held: Vec<PieceIndex> = (0..pieces)
-                        .filter(|p| bits[(p / 8) as usize] & (0x80 >> (p % 8)) != 0)
-                        .map(PieceIndex)
-                        .collect();
+                    let held: Vec<PieceIndex> = (0..pieces).map(PieceIndex).filter(|&p| packed_has(&bits, p)).collect();
                     self.super_seed_peer_has(slot, &held, out);
                 }
                 self.update_interest(slot, out);
@@ -1112,6 +1106,19 @@ impl Swarm {
                 self.piece_buffers.retire(&buffer.freeze());
             }
         }
+    }
+}
+
+/// Whether `piece`'s bit is set in a bitfield packed MSB first, as on the
+/// wire (false past its end).
+fn packed_has(bits: &[u8], piece: PieceIndex) -> bool {
+    bits.get((piece.0 / 8) as usize).is_some_and(|byte| byte & (0x80 >> (piece.0 % 8)) != 0)
+}
+
+/// Set `piece`'s bit in a bitfield packed MSB first (nothing past its end).
+fn packed_set(bits: &mut [u8], piece: PieceIndex) {
+    if let Some(byte) = bits.get_mut((piece.0 / 8) as usize) {
+        *byte |= 0x80 >> (piece.0 % 8);
     }
 }
 
