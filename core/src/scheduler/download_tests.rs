@@ -4,7 +4,7 @@ use rand::SeedableRng;
 use rand::rngs::ChaCha8Rng;
 
 use super::*;
-use crate::content::Layout;
+use crate::content::{BLOCK_BYTES, Layout};
 use crate::ids::PieceIndex;
 use crate::time::Instant;
 
@@ -103,9 +103,11 @@ fn depth_follows_the_measured_rate() {
     }
     let rate = d.rate(A).expect("rate measured");
     assert!((250_000..400_000).contains(&rate), "rate {rate}");
-    // rate × 2 s / 16 KiB ≈ 40 blocks.
-    let depth = d.depth(A);
-    assert!((30..=50).contains(&depth), "depth {depth}");
+    // rate × queue time / 16 KiB: ≈ 10 blocks at the default 0.5 s.
+    let queue_ms = DownloadConfig::default().request_queue_time.as_millis() as u64;
+    let expected = rate * queue_ms / 1000 / u64::from(BLOCK_BYTES);
+    let depth = u64::from(d.depth(A));
+    assert!(depth.abs_diff(expected) <= 1, "depth {depth}, expected {expected} for {rate} B/s");
 }
 
 #[test]
