@@ -52,6 +52,14 @@ pub struct Config {
     pub download_peers_target: u32,
     /// See `download_peers_target`.
     pub provider_refresh_interval: Duration,
+    /// Swarm members a download remembers to dial (providers found,
+    /// swarm notices heard).
+    pub swarm_candidates_max: u32,
+    /// Swarm members dialled per round, picked at random among those
+    /// remembered, while the swarm has room.
+    pub swarm_dials_per_round: u32,
+    /// Time between dial rounds.
+    pub swarm_dial_interval: Duration,
     /// Manifest lookups a `get` makes before it reports the file not found
     /// (a node asked to fetch right after it starts may not have joined
     /// yet); retries back off from 1 s, doubling, up to 30 s.
@@ -76,6 +84,9 @@ impl Default for Config {
             providers_per_lookup_max: 32,
             download_peers_target: 8,
             provider_refresh_interval: Duration::from_secs(30),
+            swarm_candidates_max: 256,
+            swarm_dials_per_round: 8,
+            swarm_dial_interval: Duration::from_millis(100),
             manifest_lookup_attempts: 6,
             kad: KadConfig::default(),
             gossip: GossipConfig::default(),
@@ -114,8 +125,17 @@ impl Config {
         if self.manifest_lookup_attempts == 0 {
             return Err(ConfigError::OutOfRange { field: "manifest_lookup_attempts", value: 0, why: "at least 1" });
         }
-        if self.connections_max == 0 {
-            return Err(ConfigError::OutOfRange { field: "connections_max", value: 0, why: "at least 1" });
+        for (field, value) in [
+            ("connections_max", self.connections_max),
+            ("swarm_candidates_max", self.swarm_candidates_max),
+            ("swarm_dials_per_round", self.swarm_dials_per_round),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::OutOfRange { field, value: 0, why: "at least 1" });
+            }
+        }
+        if self.swarm_dial_interval.is_zero() {
+            return Err(ConfigError::OutOfRange { field: "swarm_dial_interval", value: 0, why: "must be positive" });
         }
         if self.connections_target == 0 || self.connections_target > self.connections_max {
             return Err(ConfigError::OutOfRange {
@@ -139,6 +159,10 @@ mod tests {
         Config::default().validate().unwrap();
         let tiny = Config { frame_bytes_max: 1024, ..Config::default() };
         assert!(tiny.validate().is_err());
+        let no_dials = Config { swarm_dials_per_round: 0, ..Config::default() };
+        assert!(matches!(no_dials.validate(), Err(ConfigError::OutOfRange { field: "swarm_dials_per_round", .. })));
+        let no_wait = Config { swarm_dial_interval: std::time::Duration::ZERO, ..Config::default() };
+        assert!(matches!(no_wait.validate(), Err(ConfigError::OutOfRange { field: "swarm_dial_interval", .. })));
     }
 
     #[test]

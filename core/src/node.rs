@@ -16,8 +16,9 @@
 //! - **get**: find the manifest by `FileId` (validated), start the
 //!   download and join the swarm at once (provider record and swarm notice,
 //!   as a BitTorrent tracker lists leechers), find providers (plus gossip
-//!   swarm notices), connect and open exchange sessions; providers are
-//!   looked up again while the download has few peers;
+//!   swarm notices), pool them and dial a few at a time, picked at random,
+//!   and open exchange sessions; providers are looked up again while the
+//!   download has few peers;
 //! - **search**: the DHT keyword lookup, merged with the local index of
 //!   gossip file announcements.
 //!
@@ -220,6 +221,9 @@ pub struct NodeCounters {
     pub connections_trimmed: u64,
     /// Swarm notices not dialled: the file has `peers_per_file_max` peers.
     pub swarm_dials_skipped: u64,
+    /// Swarm candidates forgotten undialled: a newcomer took the place of
+    /// one at random in a full pool (`swarm_candidates_max`).
+    pub swarm_candidates_replaced: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -251,11 +255,25 @@ struct Download {
     /// A manifest lookup failed; the next try is due then.
     next_manifest_lookup: Option<Instant>,
     manifest_attempts: u32,
+    /// Swarm members heard of (providers found, swarm notices) and not
+    /// yet dialled: at most `swarm_candidates_max`.
+    candidates: Vec<Contact>,
+    /// When the next dial round is due, while candidates wait.
+    next_swarm_dial: Option<Instant>,
+    /// When the last dial round ran.
+    last_swarm_dial: Option<Instant>,
 }
 
 impl Download {
     fn new() -> Self {
-        Self { next_provider_lookup: None, next_manifest_lookup: None, manifest_attempts: 0 }
+        Self {
+            next_provider_lookup: None,
+            next_manifest_lookup: None,
+            manifest_attempts: 0,
+            candidates: Vec::new(),
+            next_swarm_dial: None,
+            last_swarm_dial: None,
+        }
     }
 }
 
@@ -316,6 +334,8 @@ pub struct Node {
     announced: bool,
     out: VecDeque<NodeOutput>,
     counters: NodeCounters,
+    /// Picks which swarm candidates to dial.
+    rng: ChaCha8Rng,
 }
 
 impl Node {
@@ -333,6 +353,7 @@ impl Node {
         let kad = Kademlia::new(config.kad.clone(), local, sub_seed(), now)?;
         let mut gossip = Gossip::new(config.gossip.clone(), local.id, sub_seed(), now)?;
         let exchange = Exchange::new(config.exchange.clone(), sub_seed());
+        let dial_rng = ChaCha8Rng::from_seed(sub_seed());
         for &topic in STANDARD_TOPICS {
             gossip.handle_input(now, GossipInput::Subscribe(topic));
         }
@@ -356,6 +377,7 @@ impl Node {
             announced: false,
             out: VecDeque::new(),
             counters: NodeCounters::default(),
+            rng: dial_rng,
         };
         node.drain(now);
         Ok(node)
@@ -405,8 +427,11 @@ impl Node {
     /// Earliest deadline of any machine.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let downloads =
-            self.downloads.values().flat_map(|d| [d.next_provider_lookup, d.next_manifest_lookup]).flatten();
+        let downloads = self
+            .downloads
+            .values()
+            .flat_map(|d| [d.next_provider_lookup, d.next_manifest_lookup, d.next_swarm_dial])
+            .flatten();
         let sweep = (!self.conns.is_empty()).then_some(self.next_idle_sweep);
         [self.kad.poll_timeout(), self.gossip.poll_timeout(), self.exchange.poll_timeout(), sweep]
             .into_iter()
@@ -423,7 +448,11 @@ impl Node {
         let due = |timer: fn(&Download) -> Option<Instant>| -> Vec<FileId> {
             self.downloads.iter().filter(|(_, d)| timer(d).is_some_and(|at| at <= now)).map(|(&f, _)| f).collect()
         };
-        let (retries, due) = (due(|d| d.next_manifest_lookup), due(|d| d.next_provider_lookup));
+        let (retries, due, dials) =
+            (due(|d| d.next_manifest_lookup), due(|d| d.next_provider_lookup), due(|d| d.next_swarm_dial));
+        for file in dials {
+            self.swarm_dial_round(now, file);
+        }
         for file in retries {
             self.find_manifest(now, file);
         }
@@ -830,6 +859,57 @@ impl Node {
         }
     }
 
+    /// Remember a swarm member to dial; a full pool replaces a random
+    /// entry, so it stays a sample of everyone heard of, not of the first.
+    fn add_candidate(&mut self, now: Instant, file: FileId, peer: Contact) {
+        let (max, interval) = (self.config.swarm_candidates_max as usize, self.config.swarm_dial_interval);
+        if peer.id == self.local.id {
+            return;
+        }
+        let Some(download) = self.downloads.get_mut(&file) else { return };
+        if download.candidates.iter().any(|c| c.id == peer.id) {
+            return;
+        }
+        if download.candidates.len() < max {
+            download.candidates.push(peer);
+        } else {
+            let i = rand::RngExt::random_range(&mut self.rng, 0..download.candidates.len());
+            download.candidates[i] = peer;
+            self.counters.swarm_candidates_replaced += 1;
+        }
+        if download.next_swarm_dial.is_none() {
+            let due = download.last_swarm_dial.map_or(now, |last| (last + interval).max(now));
+            download.next_swarm_dial = Some(due);
+        }
+    }
+
+    /// Dial up to `swarm_dials_per_round` swarm candidates picked at
+    /// random, while the swarm has room: a crowd hears of its members in
+    /// the same order, and dialling each as it is heard of fills the
+    /// first few to announce and leaves the last with a third of the
+    /// peers (1,000-peer flash crowd).
+    fn swarm_dial_round(&mut self, now: Instant, file: FileId) {
+        let pending = self.dialing.values().filter(|d| d.opens.contains(&file)).count();
+        let room = usize::from(self.config.exchange.peers_per_file_max)
+            .saturating_sub(self.exchange.peer_count(&file) + pending)
+            .min(self.config.swarm_dials_per_round as usize);
+        let interval = self.config.swarm_dial_interval;
+        let Some(download) = self.downloads.get_mut(&file) else { return };
+        download.next_swarm_dial = None;
+        download.last_swarm_dial = Some(now);
+        let mut picked = Vec::with_capacity(room);
+        for _ in 0..room.min(download.candidates.len()) {
+            let i = rand::RngExt::random_range(&mut self.rng, 0..download.candidates.len());
+            picked.push(download.candidates.swap_remove(i));
+        }
+        if !download.candidates.is_empty() {
+            download.next_swarm_dial = Some(now + interval);
+        }
+        for peer in picked {
+            self.open_with(now, peer, file);
+        }
+    }
+
     fn find_manifest(&mut self, now: Instant, file: FileId) {
         let Some(download) = self.downloads.get_mut(&file) else { return };
         download.next_manifest_lookup = None;
@@ -964,7 +1044,7 @@ impl Node {
             }
             (Purpose::Providers(file), QueryResult::GetProviders { providers }) => {
                 for provider in providers.into_iter().take(self.config.providers_per_lookup_max as usize) {
-                    self.open_with(now, provider, file);
+                    self.add_candidate(now, file, provider);
                 }
                 // Check again later, for as long as the download runs.
                 if let Some(download) = self.downloads.get_mut(&file) {
@@ -1004,9 +1084,12 @@ impl Node {
             && (self.downloads.contains_key(file) || (!seeding && self.exchange.is_complete(file)))
         {
             // A new swarm member for a file we fetch or serve (DESIGN:
-            // swarm notices): sources for us, or a leecher we can feed,
-            // while the swarm has room for it.
-            if self.exchange.peer_count(file) < usize::from(self.config.exchange.peers_per_file_max) {
+            // swarm notices): a source for us, dialled in a later round
+            // (`swarm_dial_round`), or a leecher we can feed, while the
+            // swarm has room for it.
+            if self.downloads.contains_key(file) {
+                self.add_candidate(now, *file, *node);
+            } else if self.exchange.peer_count(file) < usize::from(self.config.exchange.peers_per_file_max) {
                 self.open_with(now, *node, *file);
             } else {
                 self.counters.swarm_dials_skipped += 1;

@@ -438,3 +438,65 @@ fn connections_past_the_target_close_least_recently_used_first() {
     assert_eq!(node.connections(), 7);
     assert_eq!(node.counters().connections_trimmed, 2);
 }
+
+/// Swarm members heard of wait in a bounded pool and are dialled in
+/// rounds, a few at a time, picked at random, while the swarm has room
+/// (counting dials still pending).
+#[test]
+fn swarm_candidates_are_dialled_in_rounds_within_the_room() {
+    let mut config = Config { swarm_candidates_max: 5, swarm_dials_per_round: 3, ..Config::default() };
+    config.exchange.peers_per_file_max = 4;
+    let interval = config.swarm_dial_interval;
+    let local = Contact { id: node_id(0), addr: addr(0) };
+    let mut node = Node::new(config, local, [3; 32], Instant::ZERO).unwrap();
+    let file = FileId([0xab; 32]);
+    node.get(Instant::ZERO, file);
+    let dials = |node: &mut Node| {
+        let mut got = Vec::new();
+        while let Some(output) = node.poll_output() {
+            if let NodeOutput::Dial { addr } = output {
+                got.push(index_of(addr));
+            }
+        }
+        got
+    };
+    assert!(dials(&mut node).is_empty());
+    for i in 1..=7 {
+        node.add_candidate(Instant::ZERO, file, Contact { id: node_id(i), addr: addr(i) });
+    }
+    node.add_candidate(Instant::ZERO, file, local);
+    assert_eq!(node.downloads[&file].candidates.len(), 5, "the pool is bounded, ourselves left out");
+    assert_eq!(node.counters().swarm_candidates_replaced, 2);
+    assert!(dials(&mut node).is_empty(), "nothing is dialled before the round");
+    assert_eq!(node.poll_timeout(), Some(Instant::ZERO), "the first round is due at once");
+    node.handle_timeout(Instant::ZERO);
+    let first = dials(&mut node);
+    assert_eq!(first.len(), 3, "{first:?}");
+    // Room for 4 peers, 3 dials pending: one more in the next round.
+    assert_eq!(node.poll_timeout(), Some(Instant::ZERO + interval));
+    node.handle_timeout(Instant::ZERO + interval);
+    let second = dials(&mut node);
+    assert_eq!(second.len(), 1, "{second:?}");
+    let mut all: Vec<_> = first.iter().chain(&second).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 4, "each candidate is dialled once");
+    assert_eq!(node.downloads[&file].candidates.len(), 1);
+    // Picked at random: another seed dials another first three.
+    let firsts: BTreeSet<Vec<NodeIndex>> = (0..8u8)
+        .map(|seed| {
+            let mut node =
+                Node::new(Config { swarm_dials_per_round: 3, ..Config::default() }, local, [seed; 32], Instant::ZERO)
+                    .unwrap();
+            node.get(Instant::ZERO, file);
+            for i in 1..=7 {
+                node.add_candidate(Instant::ZERO, file, Contact { id: node_id(i), addr: addr(i) });
+            }
+            node.handle_timeout(Instant::ZERO);
+            let mut got = dials(&mut node);
+            got.sort_unstable();
+            got
+        })
+        .collect();
+    assert!(firsts.len() > 1, "the same three every time: {firsts:?}");
+}
