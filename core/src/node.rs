@@ -262,6 +262,9 @@ struct Download {
     next_swarm_dial: Option<Instant>,
     /// When the last dial round ran.
     last_swarm_dial: Option<Instant>,
+    /// Wait before the next round: `swarm_dial_interval`, doubled by each
+    /// round that found the swarm full.
+    swarm_dial_wait: Duration,
 }
 
 impl Download {
@@ -273,6 +276,7 @@ impl Download {
             candidates: Vec::new(),
             next_swarm_dial: None,
             last_swarm_dial: None,
+            swarm_dial_wait: Duration::ZERO,
         }
     }
 }
@@ -894,6 +898,7 @@ impl Node {
             .saturating_sub(self.exchange.peer_count(&file) + pending)
             .min(self.config.swarm_dials_per_round as usize);
         let interval = self.config.swarm_dial_interval;
+        let wait_max = self.config.provider_refresh_interval.max(interval);
         let Some(download) = self.downloads.get_mut(&file) else { return };
         download.next_swarm_dial = None;
         download.last_swarm_dial = Some(now);
@@ -902,8 +907,12 @@ impl Node {
             let i = rand::RngExt::random_range(&mut self.rng, 0..download.candidates.len());
             picked.push(download.candidates.swap_remove(i));
         }
+        // A swarm at its peer limit is looked at less and less often (up
+        // to the provider refresh), not every interval for nothing.
+        download.swarm_dial_wait =
+            if picked.is_empty() { (download.swarm_dial_wait * 2).clamp(interval, wait_max) } else { interval };
         if !download.candidates.is_empty() {
-            download.next_swarm_dial = Some(now + interval);
+            download.next_swarm_dial = Some(now + download.swarm_dial_wait);
         }
         for peer in picked {
             self.open_with(now, peer, file);

@@ -482,6 +482,15 @@ fn swarm_candidates_are_dialled_in_rounds_within_the_room() {
     all.dedup();
     assert_eq!(all.len(), 4, "each candidate is dialled once");
     assert_eq!(node.downloads[&file].candidates.len(), 1);
+    // Now full (4 dials pending): each round that finds no room waits
+    // twice as long as the last.
+    let mut now = Instant::ZERO + interval;
+    for wait in [interval, interval * 2, interval * 4] {
+        assert_eq!(node.downloads[&file].next_swarm_dial, Some(now + wait));
+        now += wait;
+        node.handle_timeout(now);
+        assert!(dials(&mut node).is_empty());
+    }
     // Picked at random: another seed dials another first three.
     let firsts: BTreeSet<Vec<NodeIndex>> = (0..8u8)
         .map(|seed| {
