@@ -219,7 +219,8 @@ pub struct NodeCounters {
     /// Connections closed, least recently used first, to stay within
     /// `connections_target`.
     pub connections_trimmed: u64,
-    /// Swarm notices not dialled: the file has `peers_per_file_max` peers.
+    /// Swarm notices a seed did not dial (a download pools them instead):
+    /// the file has `peers_per_file_max` peers.
     pub swarm_dials_skipped: u64,
     /// Swarm candidates forgotten undialled: a newcomer took the place of
     /// one at random in a full pool (`swarm_candidates_max`).

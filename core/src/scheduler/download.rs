@@ -58,8 +58,8 @@ pub struct DownloadConfig {
     /// and the seed sent many twice: at 2 s, half the pieces first
     /// reached a peer 5.7 s into a 1,000-peer crowd (4.2 s if each was
     /// sent once) and the median peer finished at 1.18 × the Kumar-Ross
-    /// bound; at 0.5 s the median finished at 1.06 × (README, "Where the
-    /// 1,000-peer run loses time").
+    /// bound; at 0.5 s the median finished at 1.06 × (README, the
+    /// 1,000-peer flash crowd).
     pub request_queue_time: Duration,
     /// Shortest request timeout, whatever the measured rate.
     pub request_timeout_min: Duration,
