@@ -66,14 +66,28 @@ struct Session {
     /// that it does not have yet.
     peer_pieces: Vec<u8>,
     revealed: Vec<PieceIndex>,
-    /// Pieces completed since the last HAVE, sent at `have_quiet_until`.
+    /// Pieces completed since the last HAVE, sent when the session's
+    /// batch interval since `haves_sent_at` ends.
     haves_pending: Vec<PieceIndex>,
-    /// Until then a completed piece waits in `haves_pending`
-    /// (`ExchangeConfig::have_batch_interval`).
-    have_quiet_until: Instant,
+    /// When the last HAVE went out, if one did.
+    haves_sent_at: Option<Instant>,
 }
 
 impl Session {
+    /// When the HAVEs pending may go: a batch interval after the last,
+    /// the shorter one while we unchoke the peer; at once to an unchoked
+    /// peer short of pieces to ask us for (`starving`).
+    fn haves_due(&self, config: &ExchangeConfig, starving: bool) -> Instant {
+        let interval = if self.am_choking {
+            config.have_batch_interval
+        } else if starving {
+            return Instant::ZERO;
+        } else {
+            config.have_batch_interval_unchoked
+        };
+        self.haves_sent_at.map_or(Instant::ZERO, |at| at + interval)
+    }
+
     /// The HAVE for the pieces pending, which are then gone.
     fn send_haves(&mut self, file: FileId) -> ExchangeOutput {
         let pieces = std::mem::take(&mut self.haves_pending);
@@ -357,7 +371,7 @@ impl Swarm {
             peer_pieces: if self.super_seed.is_some() { vec![0; self.have.len()] } else { Vec::new() },
             revealed: Vec::new(),
             haves_pending: Vec::new(),
-            have_quiet_until: Instant::ZERO,
+            haves_sent_at: None,
         });
         let file = self.file;
         let announcement = if self.super_seed.is_some() {
@@ -541,21 +555,30 @@ impl Swarm {
         }
     }
 
-    /// Tell the peer at `slot` we hold `piece`. A peer we unchoke may ask
-    /// for it at once, so it hears now (with anything pending); a peer we
-    /// choke cannot, and hears with the batch due at the end of its
-    /// interval unless its session is quiet (`have_batch_interval`).
+    /// Tell the peer at `slot` we hold `piece`: at once if its session
+    /// sent no HAVE for a batch interval, else with the batch due at the
+    /// interval's end. A peer we unchoke may ask for the piece now, so
+    /// its interval is the shorter `have_batch_interval_unchoked`.
     fn announce_piece(&mut self, now: Instant, slot: PeerSlot, piece: PieceIndex, out: &mut VecDeque<ExchangeOutput>) {
-        let (file, interval) = (self.file, self.config.have_batch_interval);
-        let Some(session) = self.session_mut(slot) else { return };
+        let unchoked = self.session(slot).is_some_and(|s| !s.am_choking);
+        let starving = unchoked && self.starving(slot);
+        let (file, config) = (self.file, &self.config);
+        let Some(session) = self.sessions.get_mut(usize::from(slot.0)).and_then(Option::as_mut) else { return };
         session.haves_pending.push(piece);
-        let quiet = session.haves_pending.len() == 1 && session.have_quiet_until <= now;
-        if !session.am_choking || quiet || session.haves_pending.len() >= HAVES_PER_MESSAGE_MAX {
-            session.have_quiet_until = now + interval;
+        let due = session.haves_due(config, starving);
+        if due <= now || session.haves_pending.len() >= HAVES_PER_MESSAGE_MAX {
+            session.haves_sent_at = Some(now);
             return out.push_back(session.send_haves(file));
         }
-        let due = session.have_quiet_until;
         self.haves_due = Some(self.haves_due.map_or(due, |d| d.min(due)));
+    }
+
+    /// Whether the peer at `slot` lacks fewer than `have_at_once_below`
+    /// of our pieces, so a new one may be most of what it could ask us
+    /// for next.
+    fn starving(&self, slot: PeerSlot) -> bool {
+        let below = self.config.have_at_once_below;
+        self.download.as_ref().is_some_and(|d| !d.picker().peer_lacks_ours_at_least(slot, below))
     }
 
     /// Send the HAVE batches whose interval ended.
@@ -563,14 +586,15 @@ impl Swarm {
         if self.haves_due.is_none_or(|due| due > now) {
             return;
         }
-        let (file, interval) = (self.file, self.config.have_batch_interval);
+        let (file, config) = (self.file, &self.config);
         let mut next: Option<Instant> = None;
         for session in self.sessions.iter_mut().flatten().filter(|s| !s.haves_pending.is_empty()) {
-            if session.have_quiet_until <= now {
-                session.have_quiet_until = now + interval;
+            let due = session.haves_due(config, false);
+            if due <= now {
+                session.haves_sent_at = Some(now);
                 out.push_back(session.send_haves(file));
             } else {
-                next = Some(next.map_or(session.have_quiet_until, |n| n.min(session.have_quiet_until)));
+                next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
         self.haves_due = next;

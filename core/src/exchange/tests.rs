@@ -487,47 +487,67 @@ fn a_slot_freed_by_lost_interest_goes_to_a_waiting_peer() {
     assert_eq!(probe.unchoked(), unchoked, "the slot stays with the interested peer");
 }
 
-/// A completed piece is announced at once to a peer we unchoke (it may
-/// ask for it now); a peer we choke hears of the first at once and of the
-/// next ones in one batch at the end of `have_batch_interval`, or when
-/// it is unchoked.
-#[test]
-fn haves_reach_unchoked_peers_at_once_and_choked_peers_in_batches() {
-    let (data, content, manifest) = test_file(8, 4);
-    let (file, layout) = (content.file_id, content.layout);
-    let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..ExchangeConfig::default() };
-    let interval = config.have_batch_interval;
+/// The HAVEs `probe` sent on `conn` (each a list of piece numbers),
+/// which leave its record.
+fn take_haves(probe: &mut Probe, conn: u64) -> Vec<Vec<u32>> {
+    let mut found = Vec::new();
+    probe.sent.retain(|(c, m)| match m {
+        ExchangeMessage::Have { pieces, .. } if c.0 == conn => {
+            found.push(pieces.iter().map(|p| p.0).collect());
+            false
+        }
+        _ => true,
+    });
+    found
+}
+
+/// A downloader with one upload slot and no optimistic one, a seed on
+/// connection 9 and `peers` interested peers (1..) that have nothing;
+/// peer 1 holds the slot.
+fn downloader_with_peers(config: ExchangeConfig, pieces: u32, peers: u64) -> (Probe, Vec<u8>, Content) {
+    let (data, content, manifest) = test_file(pieces, 4);
+    let file = content.file_id;
+    let config = ExchangeConfig { upload_slots: 1, optimistic_unchoke_slots: 0, ..config };
     let mut probe = Probe::new(config, 8);
     let t0 = Instant::ZERO;
-    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes: Some(content.piece_hashes), have: vec![] });
+    let piece_hashes = Some(content.piece_hashes.clone());
+    probe.input(t0, ExchangeInput::Download { manifest, piece_hashes, have: vec![] });
     probe.add_seed(t0, ConnId(9), file);
-    for peer in 1..=2u64 {
+    for peer in 1..=peers {
         probe.connect(t0, peer);
         probe.from(t0, peer, ExchangeMessage::HaveNone { file });
         probe.from(t0, peer, ExchangeMessage::Interested { file });
     }
     assert_eq!(probe.unchoked(), vec![1], "one slot, taken by the first interested peer");
-    let haves = |probe: &mut Probe, conn: u64| -> Vec<Vec<u32>> {
-        let mut found = Vec::new();
-        probe.sent.retain(|(c, m)| match m {
-            ExchangeMessage::Have { pieces, .. } if c.0 == conn => {
-                found.push(pieces.iter().map(|p| p.0).collect());
-                false
-            }
-            _ => true,
-        });
-        found
-    };
-    // Complete the piece the download asked for first, at `now`.
-    let complete_one = |probe: &mut Probe, now: Instant| -> u32 {
-        let piece = probe.requests.first().map(|r| r.1).expect("a request");
-        while probe.serve(now, ConnId(9), Some(piece), &data, layout, file) > 0 {}
-        for job in std::mem::take(&mut probe.verify) {
-            probe.input(now, ExchangeInput::PieceHashed(job.hash()));
-        }
-        assert!(probe.stored.contains(&piece));
-        piece.0
-    };
+    (probe, data, content)
+}
+
+/// Complete the piece the download asked the seed (connection 9) for
+/// first, at `now`; returns its number.
+fn complete_one(probe: &mut Probe, now: Instant, data: &[u8], content: &Content) -> u32 {
+    let (file, layout) = (content.file_id, content.layout);
+    let piece = probe.requests.first().map(|r| r.1).expect("a request");
+    while probe.serve(now, ConnId(9), Some(piece), data, layout, file) > 0 {}
+    for job in std::mem::take(&mut probe.verify) {
+        probe.input(now, ExchangeInput::PieceHashed(job.hash()));
+    }
+    assert!(probe.stored.contains(&piece));
+    piece.0
+}
+
+/// A completed piece is announced at once to a peer we unchoke that
+/// lacks few of our pieces (it may ask for it now); a peer we choke
+/// hears of the first at once and of the next ones in one batch at the
+/// end of `have_batch_interval`, or when it is unchoked.
+#[test]
+fn haves_reach_unchoked_peers_at_once_and_choked_peers_in_batches() {
+    let config = ExchangeConfig::default();
+    let interval = config.have_batch_interval;
+    let (mut probe, data, content) = downloader_with_peers(config, 8, 2);
+    let file = content.file_id;
+    let haves = take_haves;
+    let complete_one = |probe: &mut Probe, now: Instant| complete_one(probe, now, &data, &content);
+    let t0 = Instant::ZERO;
     // Four pieces complete, 10 ms apart.
     let done: Vec<u32> = (0..4).map(|i| complete_one(&mut probe, t0 + Duration::from_millis(10 * i))).collect();
     let each: Vec<Vec<u32>> = done.iter().map(|&p| vec![p]).collect();
@@ -557,6 +577,35 @@ fn haves_reach_unchoked_peers_at_once_and_choked_peers_in_batches() {
             "{last:?}"
         );
     }
+}
+
+/// An unchoked peer that lacks at least `have_at_once_below` of our
+/// pieces has enough to ask us for: it hears of new ones in batches
+/// `have_batch_interval_unchoked` apart, like a choked peer on its
+/// longer interval.
+#[test]
+fn unchoked_peers_with_pieces_to_ask_for_hear_in_short_batches() {
+    let config = ExchangeConfig { have_at_once_below: 2, ..ExchangeConfig::default() };
+    let (short, long) = (config.have_batch_interval_unchoked, config.have_batch_interval);
+    assert!(short < long);
+    let (mut probe, data, content) = downloader_with_peers(config, 8, 2);
+    let t0 = Instant::ZERO;
+    let ms = Duration::from_millis;
+    let done: Vec<u32> = (0..4).map(|i| complete_one(&mut probe, t0 + ms(10 * i), &data, &content)).collect();
+    // Peer 1 lacked one of our pieces when the first completed: it went
+    // at once. From the second it lacks two, and they wait.
+    assert_eq!(take_haves(&mut probe, 1), vec![vec![done[0]]]);
+    assert_eq!(take_haves(&mut probe, 2), vec![vec![done[0]]], "the choked peer hears of the first at once");
+    probe.exchange.handle_timeout(t0 + short - ms(1));
+    probe.drain();
+    assert!(take_haves(&mut probe, 1).is_empty(), "nothing before the short interval ends");
+    probe.exchange.handle_timeout(t0 + short);
+    probe.drain();
+    assert_eq!(take_haves(&mut probe, 1), vec![done[1..].to_vec()], "the rest in one batch");
+    assert!(take_haves(&mut probe, 2).is_empty(), "the choked peer waits for its longer interval");
+    probe.exchange.handle_timeout(t0 + long);
+    probe.drain();
+    assert_eq!(take_haves(&mut probe, 2), vec![done[1..].to_vec()]);
 }
 
 /// Sessions we open count against the upload slots like those peers

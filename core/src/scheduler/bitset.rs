@@ -101,6 +101,23 @@ impl HierBitset {
         true
     }
 
+    /// Whether at least `n` valid positions are in neither set (same
+    /// capacity). Reads the leaf words only until it has counted `n`.
+    pub(crate) fn absent_from_both_at_least(&self, other: &HierBitset, n: u32) -> bool {
+        assert_eq!(self.capacity, other.capacity, "sets of different capacity");
+        let leaves = self.starts[1] as usize;
+        let mut found = 0;
+        for (index, (&a, &b)) in self.words[..leaves].iter().zip(&other.words[..leaves]).enumerate() {
+            let valid = self.capacity.saturating_sub(index as u32 * 64).min(64);
+            let mask = if valid == 64 { u64::MAX } else { (1u64 << valid) - 1 };
+            found += (!(a | b) & mask).count_ones();
+            if found >= n {
+                return true;
+            }
+        }
+        found >= n
+    }
+
     /// Lowest position present in both sets (same capacity).
     pub(crate) fn first_common(&self, other: &HierBitset) -> Option<u32> {
         assert_eq!(self.capacity, other.capacity, "sets of different capacity");
@@ -194,7 +211,8 @@ mod tests {
 
     proptest! {
         /// Against a BTreeSet model: any sequence of inserts and removes
-        /// leaves the same members, first and first-common.
+        /// leaves the same members, first and first-common, and the same
+        /// count of positions in neither set.
         #[test]
         fn matches_a_set_model(
             capacity in 1u32..20_000,
@@ -215,6 +233,10 @@ mod tests {
             prop_assert_eq!(a.count() as usize, ma.len());
             prop_assert_eq!(a.first_common(&b), ma.intersection(&mb).next().copied());
             prop_assert_eq!(a.iter().collect::<Vec<_>>(), ma.iter().copied().collect::<Vec<_>>());
+            let absent = (0..capacity).filter(|p| !ma.contains(p) && !mb.contains(p)).count() as u32;
+            for n in [0, 1, absent.saturating_sub(1), absent, absent + 1] {
+                prop_assert_eq!(a.absent_from_both_at_least(&b, n), absent >= n, "n = {}", n);
+            }
         }
     }
 }

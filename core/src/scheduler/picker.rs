@@ -271,6 +271,17 @@ impl PiecePicker {
         }
     }
 
+    /// Whether the peer at `slot` lacks at least `n` of the pieces we
+    /// have: pieces it could ask us for (a seed lacks none).
+    #[must_use]
+    pub fn peer_lacks_ours_at_least(&self, slot: PeerSlot, n: u32) -> bool {
+        match self.peer(slot).map(|p| &p.pieces) {
+            Ok(PeerPieces::Seed) | Err(_) => false,
+            Ok(PeerPieces::Partial(Some(bits))) => self.wanted.absent_from_both_at_least(bits, n),
+            Ok(PeerPieces::Partial(None)) => self.piece_count - self.wanted.count() >= n,
+        }
+    }
+
     /// Whether the peer has any piece we lack (BEP 3 "interested").
     #[must_use]
     pub fn is_interesting(&self, slot: PeerSlot) -> bool {
