@@ -78,13 +78,10 @@ impl Session {
     /// the shorter one while we unchoke the peer; at once to an unchoked
     /// peer short of pieces to ask us for (`starving`).
     fn haves_due(&self, config: &ExchangeConfig, starving: bool) -> Instant {
-        let interval = if self.am_choking {
-            config.have_batch_interval
-        } else if starving {
+        if !self.am_choking && starving {
             return Instant::ZERO;
-        } else {
-            config.have_batch_interval_unchoked
-        };
+        }
+        let interval = if self.am_choking { config.have_batch_interval } else { config.have_batch_interval_unchoked };
         self.haves_sent_at.map_or(Instant::ZERO, |at| at + interval)
     }
 
