@@ -27,6 +27,20 @@ pub struct KadConfig {
     /// of 1,000 peers, α = 3 made each holder send some 3 MB of manifest
     /// copies and left them the last to finish.
     pub value_parallelism: usize,
+    /// Times a second one key is answered with its value; past that (and
+    /// `value_answer_burst`), the asker gets the closer contacts and moves
+    /// on to another of the k holders (`hot.rs`). A holder everyone knows
+    /// otherwise answers a whole crowd alone.
+    pub value_answers_per_key_per_s: u32,
+    /// Value answers one key may get at once, above the steady rate.
+    pub value_answer_burst: u32,
+    /// The same rate for a file we seed: a seed's uplink belongs to the
+    /// pieces nobody else may have yet, and the other k − 1 holders can
+    /// answer the crowd (`Kademlia::set_seeding`). One at a time.
+    pub seed_value_answers_per_s: u32,
+    /// Keys whose answer rate is tracked; only keys answered faster than
+    /// the rate in the last moments take a place.
+    pub value_answer_keys_max: usize,
     /// Failed requests after which a contact is dropped even without a
     /// replacement; with one, it is replaced at the first failure
     /// (Kademlia §4.1: tolerate transient loss when nobody can take over).
@@ -127,6 +141,10 @@ impl Default for KadConfig {
             replacements_per_bucket_max: 10,
             parallelism: 3,
             value_parallelism: 1,
+            value_answers_per_key_per_s: 64,
+            value_answer_burst: 64,
+            seed_value_answers_per_s: 2,
+            value_answer_keys_max: 256,
             contact_failures_max: 3,
             contact_fresh_ms: 15 * 60_000,
             request_timeout_ms: 2_000,
@@ -182,6 +200,10 @@ impl KadConfig {
             ("bucket_size", self.bucket_size),
             ("parallelism", self.parallelism),
             ("value_parallelism", self.value_parallelism),
+            ("value_answers_per_key_per_s", self.value_answers_per_key_per_s as usize),
+            ("value_answer_burst", self.value_answer_burst as usize),
+            ("seed_value_answers_per_s", self.seed_value_answers_per_s as usize),
+            ("value_answer_keys_max", self.value_answer_keys_max),
             ("refresh_closest", self.refresh_closest),
             ("queries_max", self.queries_max),
             ("background_requests_inflight_max", self.background_requests_inflight_max),

@@ -172,6 +172,9 @@ pub struct KadCounters {
     pub providers_spoofed: u64,
     /// Publications refused at `published_max`.
     pub published_refused: u64,
+    /// Value requests answered with contacts because the key was asked
+    /// for faster than `value_answers_per_key_per_s`.
+    pub value_answers_deferred: u64,
     /// Farther buckets the join did not refresh: the self-lookup had put
     /// contacts in them.
     pub join_refreshes_skipped: u64,

@@ -27,6 +27,7 @@ use crate::wire::{Contact, ErrorCode, KeywordEntry, Record, RecordKey, Request, 
 
 mod bootstrap;
 pub mod config;
+mod hot;
 mod io;
 pub mod keywords;
 mod lookup;
@@ -37,6 +38,7 @@ pub mod store;
 mod tests;
 
 pub use config::KadConfig;
+use hot::ValueThrottle;
 pub use io::{KadCounters, KadEvent, KadInput, KadOutput, QueryId, QueryResult, QueryStats};
 use lookup::Lookup;
 use routing::{Observed, RoutingTable};
@@ -191,6 +193,10 @@ pub struct Kademlia {
     rng: ChaCha8Rng,
     table: RoutingTable,
     store: RecordStore,
+    value_throttle: ValueThrottle,
+    /// Files we seed, whose values go through `seed_value_throttle`.
+    seeding: BTreeSet<FileId>,
+    seed_value_throttle: ValueThrottle,
     queries: BTreeMap<QueryId, Query>,
     searches: BTreeMap<QueryId, Search>,
     pending: BTreeMap<RequestId, Pending>,
@@ -225,6 +231,12 @@ impl Kademlia {
         );
         table.touch_all(now);
         let store = RecordStore::new(local.id, config.clone());
+        let value_throttle = ValueThrottle::new(
+            config.value_answers_per_key_per_s,
+            config.value_answer_burst,
+            config.value_answer_keys_max,
+        );
+        let seed_value_throttle = ValueThrottle::new(config.seed_value_answers_per_s, 1, config.published_max);
         let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);
         let bootstrap_backoff = KadConfig::ms(config.bootstrap_backoff_initial_ms);
         Ok(Self {
@@ -233,6 +245,9 @@ impl Kademlia {
             rng: ChaCha8Rng::from_seed(seed),
             table,
             store,
+            value_throttle,
+            seeding: BTreeSet::new(),
+            seed_value_throttle,
             queries: BTreeMap::new(),
             searches: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -393,6 +408,19 @@ impl Kademlia {
     /// TTL on the holders).
     pub fn stop_providing(&mut self, file: FileId) {
         self.published.remove(&Publication::Provider(file));
+        self.seeding.remove(&file);
+    }
+
+    /// Whether we seed `file` (hold all of it). While we do and hold its
+    /// manifest, we answer it at `seed_value_answers_per_s` and send the
+    /// rest of the askers on to the other holders. At most `published_max`
+    /// files are marked; past that, the ordinary rate applies.
+    pub fn set_seeding(&mut self, file: FileId, seeding: bool) {
+        if !seeding {
+            self.seeding.remove(&file);
+        } else if self.seeding.len() < self.config.published_max {
+            self.seeding.insert(file);
+        }
     }
 
     /// Find providers of `file` (those we hold ourselves included). The
@@ -478,21 +506,7 @@ impl Kademlia {
         let response = match request {
             Request::Ping => Response::Pong,
             Request::FindNode { target } => Response::Nodes { closer: self.closest_for(&target, &from, k) },
-            Request::FindValue { key } => {
-                if let Some(manifest) = self.store.manifest(&key, now) {
-                    Response::Value { record: Record::Manifest(manifest.clone()) }
-                } else {
-                    let mut entries = self.store.keywords(&key, now);
-                    if entries.is_empty() {
-                        Response::Nodes { closer: self.closest_for(&key, &from, k) }
-                    } else {
-                        // Freshest last in the store; a frame holds a bounded answer.
-                        let skip = entries.len().saturating_sub(self.config.keyword_entries_per_key_max);
-                        entries.drain(..skip);
-                        Response::Value { record: Record::Keywords(entries) }
-                    }
-                }
-            }
+            Request::FindValue { key } => self.value_answer(now, key, &from),
             Request::Store { key, record, ttl_s } => {
                 let ttl = Duration::from_secs(u64::from(ttl_s));
                 let result = match record {
@@ -523,6 +537,32 @@ impl Kademlia {
             },
         };
         self.outputs.push_back(KadOutput::Respond { to: from, id, response });
+    }
+
+    /// The value under `key`, or the closer contacts when we hold none or
+    /// have answered `key` at its rate already (`hot.rs`).
+    fn value_answer(&mut self, now: Instant, key: RecordKey, from: &Contact) -> Response {
+        let held = if let Some(manifest) = self.store.manifest(&key, now) {
+            Some(Record::Manifest(manifest.clone()))
+        } else {
+            let mut entries = self.store.keywords(&key, now);
+            // Freshest last in the store; a frame holds a bounded answer.
+            let skip = entries.len().saturating_sub(self.config.keyword_entries_per_key_max);
+            entries.drain(..skip);
+            (!entries.is_empty()).then_some(Record::Keywords(entries))
+        };
+        match held {
+            Some(record) if self.throttle_for(&key).allow(&key, now) => Response::Value { record },
+            Some(_) => {
+                self.counters.value_answers_deferred += 1;
+                Response::Nodes { closer: self.closest_for(&key, from, self.config.bucket_size) }
+            }
+            None => Response::Nodes { closer: self.closest_for(&key, from, self.config.bucket_size) },
+        }
+    }
+
+    fn throttle_for(&mut self, key: &RecordKey) -> &mut ValueThrottle {
+        if self.seeding.contains(&FileId(*key)) { &mut self.seed_value_throttle } else { &mut self.value_throttle }
     }
 
     fn closest_for(&self, target: &RecordKey, asker: &Contact, k: usize) -> Vec<Contact> {

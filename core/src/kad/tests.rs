@@ -383,6 +383,58 @@ fn a_manifest_lookup_costs_the_holders_one_copy() {
     assert!(parallel > lookups * 3 / 2, "α = 3 sends more copies: {parallel} for {lookups} lookups");
 }
 
+/// A crowd asking for one manifest at the same instant is served by the
+/// k holders together: past its rate a holder answers with contacts, and
+/// every lookup still finds the manifest from another holder.
+#[test]
+fn a_crowd_asking_at_once_spreads_over_the_holders() {
+    let crowd = |per_s: u32, burst: u32| {
+        let config =
+            KadConfig { value_answers_per_key_per_s: per_s, value_answer_burst: burst, ..KadConfig::default() };
+        let (mut net, _) = build(300, 11, &config);
+        let (manifest, file) = sample_manifest("crowd.bin", 3_000_000);
+        run_query(&mut net, 3, |kad, now| kad.put_manifest(now, manifest.clone()).unwrap());
+        let holding = holders(&net, file);
+        let before: Vec<usize> = net.nodes().map(|(_, m)| m.values_sent).collect();
+        let started = net.now();
+        let askers: Vec<(NodeIndex, QueryId)> = (0..300)
+            .filter(|i| !holding.contains(i))
+            .map(|i| {
+                net.with_node(i, |m, now| {
+                    let q = m.kad.get_manifest(now, file);
+                    m.drain();
+                    (i, q)
+                })
+            })
+            .collect();
+        let deadline = started + Duration::from_secs(120);
+        assert!(net.run_until_with(deadline, |n| askers.iter().all(|&(i, q)| n.node(i).finished(q).is_some())));
+        for &(i, q) in &askers {
+            let (_, result) = net.node(i).finished(q).unwrap();
+            assert_eq!(result, QueryResult::GetManifest { manifest: Some(manifest.clone()) }, "asker {i}");
+        }
+        let elapsed = net.now().saturating_duration_since(started);
+        let copies: Vec<usize> = net.nodes().zip(&before).map(|((_, m), b)| m.values_sent - b).collect();
+        let deferred: u64 = net.nodes().map(|(_, m)| m.kad.counters().value_answers_deferred).sum();
+        let max = *copies.iter().max().unwrap();
+        eprintln!(
+            "{} askers, {per_s}/s burst {burst}: most copies from one holder {max}, deferred {deferred}, {elapsed:?}",
+            askers.len()
+        );
+        (askers.len(), max, deferred, elapsed)
+    };
+    let (askers, unlimited, deferred, _) = crowd(1_000_000, 1_000_000);
+    assert_eq!(deferred, 0);
+    assert!(unlimited > askers / 10, "without a limit one holder serves much of the crowd: {unlimited}");
+    // 21 holders can serve the crowd at this rate, but no single one can.
+    let (per_s, burst) = (50, 10);
+    let (_, limited, deferred, elapsed) = crowd(per_s, burst);
+    assert!(deferred > 0);
+    let allowed = burst as usize + (f64::from(per_s) * elapsed.as_secs_f64()).ceil() as usize;
+    assert!(limited <= allowed, "{limited} copies from one holder, at most {allowed} allowed in {elapsed:?}");
+    assert!(limited < unlimited);
+}
+
 /// A provider lookup ends once it knows `enough` providers instead of
 /// asking every one of the k closest for the same list.
 #[test]
@@ -703,6 +755,52 @@ fn find_value_stops_at_a_valid_value_and_skips_forgeries() {
     assert_eq!(result, QueryResult::GetManifest { manifest: Some(manifest) });
     assert_eq!(asked, 2);
     assert_eq!(kad.counters().values_rejected, 1);
+}
+
+/// A holder answers a key with its value at the key's rate, and at the
+/// seed's rate while it seeds the file; past it, with contacts.
+#[test]
+fn a_holder_answers_a_hot_key_at_its_rate_and_a_seed_at_a_lower_one() {
+    let config = KadConfig::default();
+    let mut kad = machine(config.clone());
+    let (manifest, file) = sample_manifest("hot.bin", 500_000);
+    let store = Request::Store { key: file.0, record: Record::Manifest(manifest), ttl_s: 3_600 };
+    kad.handle_input(Instant::ZERO, KadInput::Request { from: contact(1), id: RequestId(1), request: store });
+    drain(&mut kad);
+    // Values answered out of `asks` requests from different peers at `at`.
+    let answer = |kad: &mut Kademlia, at: Instant, asks: u8| {
+        let mut values = 0;
+        for n in 0..asks {
+            let request = Request::FindValue { key: file.0 };
+            kad.handle_input(at, KadInput::Request { from: contact(n + 2), id: RequestId(u64::from(n)), request });
+            for output in drain(kad) {
+                match output {
+                    KadOutput::Respond { response: Response::Value { .. }, .. } => values += 1,
+                    KadOutput::Respond { response: Response::Nodes { closer }, .. } => {
+                        assert!(!closer.is_empty(), "the asker is sent on to other nodes");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        values
+    };
+    let burst = config.value_answer_burst as usize;
+    let asks = u8::try_from(burst + 20).unwrap();
+    assert_eq!(answer(&mut kad, Instant::ZERO, asks), burst);
+    assert_eq!(kad.counters().value_answers_deferred, 20);
+    // Later, the steady rate's worth, up to the burst.
+    let step = Duration::from_micros(1_000_000 / u64::from(config.value_answers_per_key_per_s));
+    assert_eq!(answer(&mut kad, Instant::ZERO + step * 3, asks), 3);
+    let second = Instant::ZERO + Duration::from_secs(5);
+    assert_eq!(answer(&mut kad, second, asks), burst);
+    kad.set_seeding(file, true);
+    let later = Instant::ZERO + Duration::from_secs(10);
+    assert_eq!(answer(&mut kad, later, asks), 1);
+    let step = Duration::from_micros(1_000_000 / u64::from(config.seed_value_answers_per_s));
+    assert_eq!(answer(&mut kad, later + step, asks), 1);
+    kad.set_seeding(file, false);
+    assert_eq!(answer(&mut kad, later + Duration::from_secs(10), asks), burst);
 }
 
 #[test]
