@@ -387,6 +387,13 @@ pub struct ProtocolOverrides {
     /// Kademlia lookup parallelism (α).
     #[serde(default)]
     pub alpha: Option<usize>,
+    /// Times a second a DHT node answers one key with its value (past
+    /// that, with contacts).
+    #[serde(default)]
+    pub value_answers_per_s: Option<u32>,
+    /// Value answers one key may get at once, above that rate.
+    #[serde(default)]
+    pub value_answer_burst: Option<u32>,
     /// Gossip mesh degree (D); the low and high marks follow.
     #[serde(default)]
     pub gossip_d: Option<usize>,
@@ -413,6 +420,12 @@ impl ProtocolOverrides {
         }
         if let Some(alpha) = self.alpha {
             config.kad.parallelism = alpha;
+        }
+        if let Some(per_s) = self.value_answers_per_s {
+            config.kad.value_answers_per_key_per_s = per_s;
+        }
+        if let Some(burst) = self.value_answer_burst {
+            config.kad.value_answer_burst = burst;
         }
         if let Some(d) = self.gossip_d {
             config.gossip.mesh_degree = d;
