@@ -566,10 +566,7 @@ impl Kademlia {
     }
 
     fn closest_for(&self, target: &RecordKey, asker: &Contact, k: usize) -> Vec<Contact> {
-        let mut closest = self.table.closest(target, k + 1);
-        closest.retain(|c| c.id != asker.id);
-        closest.truncate(k);
-        closest
+        self.table.closest_except(target, k, Some(&asker.id))
     }
 
     // ---- responses to our requests -------------------------------------

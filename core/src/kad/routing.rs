@@ -310,11 +310,12 @@ impl RoutingTable {
         index: usize,
         target: &impl AsKey,
         count: usize,
+        except: Option<&NodeId>,
         out: &mut Vec<(Distance, &'a Contact)>,
     ) -> bool {
         let start = out.len();
         for e in self.bucket(index) {
-            if e.failures == 0 {
+            if e.failures == 0 && except != Some(&e.contact.id) {
                 out.push((e.contact.id.distance(target), &e.contact));
             }
         }
@@ -341,6 +342,14 @@ impl RoutingTable {
     /// where d has a 0 (ascending), then the buckets above h (ascending).
     #[must_use]
     pub fn closest(&self, target: &impl AsKey, count: usize) -> Vec<Contact> {
+        self.closest_except(target, count, None)
+    }
+
+    /// [`Self::closest`] without `except` (the asker, who needs no news of
+    /// itself): the same as asking for one more and dropping it, without
+    /// scanning a further bucket for the one more.
+    #[must_use]
+    pub fn closest_except(&self, target: &impl AsKey, count: usize, except: Option<&NodeId>) -> Vec<Contact> {
         let mut out: Vec<(Distance, &Contact)> = Vec::with_capacity(count.min(self.len));
         let d = self.local.distance(target);
         let (below, above) = match d.bucket_index().map(usize::from) {
@@ -352,7 +361,7 @@ impl RoutingTable {
             .chain((0..below).filter(|&i| !bit(&d, i)))
             .chain(above..BUCKETS);
         for index in order {
-            if self.is_occupied(index) && self.take_bucket(index, target, count, &mut out) {
+            if self.is_occupied(index) && self.take_bucket(index, target, count, except, &mut out) {
                 break;
             }
         }
@@ -560,6 +569,14 @@ mod tests {
             all.sort_by_key(|c| c.id.distance(&target));
             all.truncate(20);
             assert_eq!(table.closest(&target, 20), all, "round {round}");
+            // Leaving one out is asking for one more and dropping it.
+            let except = all[round % all.len()].id;
+            let mut one_more = table.closest(&target, 21);
+            one_more.retain(|c| c.id != except);
+            one_more.truncate(20);
+            assert_eq!(table.closest_except(&target, 20, Some(&except)), one_more, "round {round}");
+            // Our own id is never in our table.
+            assert_eq!(table.closest_except(&target, 20, Some(&NodeId(local))), all, "round {round}");
         }
         let all = table.closest(&local, usize::MAX);
         assert_eq!(all.len(), table.len());
