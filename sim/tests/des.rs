@@ -340,7 +340,8 @@ fn dht_lookups_10k() {
 #[ignore = "a measurement in release mode, minutes long"]
 fn dht_lookups_100k() {
     let (_, summary, _) = measure(&dht_lookups(100_000, 1));
-    assert!(summary.lookups.count > 0);
+    assert_eq!(summary.lookups.count, 10_000);
+    assert!(summary.ok, "{:?}", summary.checks);
 }
 
 /// `cargo test --release -p shoal-sim --test des -- --ignored --nocapture flash_crowd_1000`
