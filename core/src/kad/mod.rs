@@ -542,27 +542,27 @@ impl Kademlia {
     /// The value under `key`, or the closer contacts when we hold none or
     /// have answered `key` at its rate already (`hot.rs`).
     fn value_answer(&mut self, now: Instant, key: RecordKey, from: &Contact) -> Response {
+        let seeding = self.seeding.contains(&FileId(key));
+        let throttle = if seeding { &mut self.seed_value_throttle } else { &mut self.value_throttle };
+        // `None`: we hold nothing under `key`; `Some(None)`: we do, but
+        // not at this rate (the copy is made only when it is sent).
         let held = if let Some(manifest) = self.store.manifest(&key, now) {
-            Some(Record::Manifest(manifest.clone()))
+            Some(throttle.allow(&key, now).then(|| Record::Manifest(manifest.clone())))
         } else {
             let mut entries = self.store.keywords(&key, now);
             // Freshest last in the store; a frame holds a bounded answer.
             let skip = entries.len().saturating_sub(self.config.keyword_entries_per_key_max);
             entries.drain(..skip);
-            (!entries.is_empty()).then_some(Record::Keywords(entries))
+            (!entries.is_empty()).then(|| throttle.allow(&key, now).then_some(Record::Keywords(entries)))
         };
         match held {
-            Some(record) if self.throttle_for(&key).allow(&key, now) => Response::Value { record },
-            Some(_) => {
+            Some(Some(record)) => Response::Value { record },
+            Some(None) => {
                 self.counters.value_answers_deferred += 1;
                 Response::Nodes { closer: self.closest_for(&key, from, self.config.bucket_size) }
             }
             None => Response::Nodes { closer: self.closest_for(&key, from, self.config.bucket_size) },
         }
-    }
-
-    fn throttle_for(&mut self, key: &RecordKey) -> &mut ValueThrottle {
-        if self.seeding.contains(&FileId(*key)) { &mut self.seed_value_throttle } else { &mut self.value_throttle }
     }
 
     fn closest_for(&self, target: &RecordKey, asker: &Contact, k: usize) -> Vec<Contact> {
