@@ -937,7 +937,6 @@ impl Node {
 
     /// Tell the DHT and the Swarm topic that we hold (part of) `file`.
     fn announce_provider(&mut self, now: Instant, file: FileId, seeding: bool) {
-        self.kad.set_seeding(file, seeding);
         let q = self.kad.add_provider(now, file);
         self.queries.insert(q, Purpose::Publish);
         let payload = Announcement::Swarm { file, node: self.local, seeding };

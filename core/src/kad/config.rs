@@ -34,10 +34,14 @@ pub struct KadConfig {
     pub value_answers_per_key_per_s: u32,
     /// Value answers one key may get at once, above the steady rate.
     pub value_answer_burst: u32,
-    /// The same rate for a file we seed: a seed's uplink belongs to the
-    /// pieces nobody else may have yet, and the other k − 1 holders can
-    /// answer the crowd (`Kademlia::set_seeding`). One at a time.
-    pub seed_value_answers_per_s: u32,
+    /// The same rate for a manifest we published ourselves (`put_manifest`),
+    /// one at a time: its file's pieces start out with us alone, our
+    /// uplink belongs to them, and the other k − 1 holders can answer the
+    /// crowd. Only the originator: a peer that completed the download is
+    /// one seed of many, and if every holder were held to this rate, a
+    /// later crowd could run out of manifest lookups
+    /// (`manifest_lookup_attempts`).
+    pub origin_value_answers_per_s: u32,
     /// Keys whose answer rate is tracked; only keys answered faster than
     /// the rate in the last moments take a place.
     pub value_answer_keys_max: usize,
@@ -143,7 +147,7 @@ impl Default for KadConfig {
             value_parallelism: 1,
             value_answers_per_key_per_s: 64,
             value_answer_burst: 64,
-            seed_value_answers_per_s: 2,
+            origin_value_answers_per_s: 2,
             value_answer_keys_max: 256,
             contact_failures_max: 3,
             contact_fresh_ms: 15 * 60_000,
@@ -202,7 +206,7 @@ impl KadConfig {
             ("value_parallelism", self.value_parallelism),
             ("value_answers_per_key_per_s", self.value_answers_per_key_per_s as usize),
             ("value_answer_burst", self.value_answer_burst as usize),
-            ("seed_value_answers_per_s", self.seed_value_answers_per_s as usize),
+            ("origin_value_answers_per_s", self.origin_value_answers_per_s as usize),
             ("value_answer_keys_max", self.value_answer_keys_max),
             ("refresh_closest", self.refresh_closest),
             ("queries_max", self.queries_max),

@@ -6,9 +6,10 @@
 //! one: in a 300-node test, one holder sent 143 of 279 copies. Past a
 //! key's rate a holder answers with the closer contacts instead, as if it
 //! did not hold the value, and the lookup moves on to the next holder; the
-//! key's k replicas share the crowd. A seed of the file answers at a much
-//! lower rate (`seed_value_answers_per_s`): in a 1,000-peer flash crowd
-//! whose only seed was the bootstrap node and a holder, the manifest
+//! key's k replicas share the crowd. The node that published the manifest
+//! answers at a much lower rate (`origin_value_answers_per_s`): in a
+//! 1,000-peer flash crowd whose only seed was the bootstrap node and a
+//! holder, the manifest
 //! copies it sent (about 33 KB each, 1,024 piece hashes) held back its
 //! first block until 5.69 s instead of 3.10 s.
 //!

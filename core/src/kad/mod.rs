@@ -194,9 +194,8 @@ pub struct Kademlia {
     table: RoutingTable,
     store: RecordStore,
     value_throttle: ValueThrottle,
-    /// Files we seed, whose values go through `seed_value_throttle`.
-    seeding: BTreeSet<FileId>,
-    seed_value_throttle: ValueThrottle,
+    /// For the manifests we published ourselves.
+    origin_value_throttle: ValueThrottle,
     queries: BTreeMap<QueryId, Query>,
     searches: BTreeMap<QueryId, Search>,
     pending: BTreeMap<RequestId, Pending>,
@@ -236,7 +235,7 @@ impl Kademlia {
             config.value_answer_burst,
             config.value_answer_keys_max,
         );
-        let seed_value_throttle = ValueThrottle::new(config.seed_value_answers_per_s, 1, config.published_max);
+        let origin_value_throttle = ValueThrottle::new(config.origin_value_answers_per_s, 1, config.published_max);
         let next_maintenance = now + KadConfig::ms(config.maintenance_interval_ms);
         let bootstrap_backoff = KadConfig::ms(config.bootstrap_backoff_initial_ms);
         Ok(Self {
@@ -246,8 +245,7 @@ impl Kademlia {
             table,
             store,
             value_throttle,
-            seeding: BTreeSet::new(),
-            seed_value_throttle,
+            origin_value_throttle,
             queries: BTreeMap::new(),
             searches: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -408,19 +406,6 @@ impl Kademlia {
     /// TTL on the holders).
     pub fn stop_providing(&mut self, file: FileId) {
         self.published.remove(&Publication::Provider(file));
-        self.seeding.remove(&file);
-    }
-
-    /// Whether we seed `file` (hold all of it). While we do and hold its
-    /// manifest, we answer it at `seed_value_answers_per_s` and send the
-    /// rest of the askers on to the other holders. At most `published_max`
-    /// files are marked; past that, the ordinary rate applies.
-    pub fn set_seeding(&mut self, file: FileId, seeding: bool) {
-        if !seeding {
-            self.seeding.remove(&file);
-        } else if self.seeding.len() < self.config.published_max {
-            self.seeding.insert(file);
-        }
     }
 
     /// Find providers of `file` (those we hold ourselves included). The
@@ -542,8 +527,10 @@ impl Kademlia {
     /// The value under `key`, or the closer contacts when we hold none or
     /// have answered `key` at its rate already (`hot.rs`).
     fn value_answer(&mut self, now: Instant, key: RecordKey, from: &Contact) -> Response {
-        let seeding = self.seeding.contains(&FileId(key));
-        let throttle = if seeding { &mut self.seed_value_throttle } else { &mut self.value_throttle };
+        // A manifest we published is of a file whose pieces start out with
+        // us alone: our uplink is theirs (`origin_value_answers_per_s`).
+        let ours = self.published.contains_key(&Publication::Manifest(FileId(key)));
+        let throttle = if ours { &mut self.origin_value_throttle } else { &mut self.value_throttle };
         // `None`: we hold nothing under `key`; `Some(None)`: we do, but
         // not at this rate (the copy is made only when it is sent).
         let held = if let Some(manifest) = self.store.manifest(&key, now) {

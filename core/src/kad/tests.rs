@@ -757,21 +757,25 @@ fn find_value_stops_at_a_valid_value_and_skips_forgeries() {
     assert_eq!(kad.counters().values_rejected, 1);
 }
 
-/// A holder answers a key with its value at the key's rate, and at the
-/// seed's rate while it seeds the file; past it, with contacts.
+/// A holder answers a key with its value at the key's rate, and a
+/// manifest it published itself at the originator's lower rate; past
+/// them, with contacts.
 #[test]
-fn a_holder_answers_a_hot_key_at_its_rate_and_a_seed_at_a_lower_one() {
+fn a_holder_answers_a_hot_key_at_its_rate_and_its_own_manifest_at_a_lower_one() {
     let config = KadConfig::default();
     let mut kad = machine(config.clone());
     let (manifest, file) = sample_manifest("hot.bin", 500_000);
     let store = Request::Store { key: file.0, record: Record::Manifest(manifest), ttl_s: 3_600 };
     kad.handle_input(Instant::ZERO, KadInput::Request { from: contact(1), id: RequestId(1), request: store });
+    let (own, own_file) = sample_manifest("own.bin", 700_000);
+    kad.put_manifest(Instant::ZERO, own).unwrap();
     drain(&mut kad);
-    // Values answered out of `asks` requests from different peers at `at`.
-    let answer = |kad: &mut Kademlia, at: Instant, asks: u8| {
+    // Values answered for `key` out of `asks` requests from different
+    // peers at `at`.
+    let answer = |kad: &mut Kademlia, key: FileId, at: Instant, asks: u8| {
         let mut values = 0;
         for n in 0..asks {
-            let request = Request::FindValue { key: file.0 };
+            let request = Request::FindValue { key: key.0 };
             kad.handle_input(at, KadInput::Request { from: contact(n + 2), id: RequestId(u64::from(n)), request });
             for output in drain(kad) {
                 match output {
@@ -787,20 +791,18 @@ fn a_holder_answers_a_hot_key_at_its_rate_and_a_seed_at_a_lower_one() {
     };
     let burst = config.value_answer_burst as usize;
     let asks = u8::try_from(burst + 20).unwrap();
-    assert_eq!(answer(&mut kad, Instant::ZERO, asks), burst);
+    assert_eq!(answer(&mut kad, file, Instant::ZERO, asks), burst);
     assert_eq!(kad.counters().value_answers_deferred, 20);
     // Later, the steady rate's worth, up to the burst.
     let step = Duration::from_micros(1_000_000 / u64::from(config.value_answers_per_key_per_s));
-    assert_eq!(answer(&mut kad, Instant::ZERO + step * 3, asks), 3);
-    let second = Instant::ZERO + Duration::from_secs(5);
-    assert_eq!(answer(&mut kad, second, asks), burst);
-    kad.set_seeding(file, true);
-    let later = Instant::ZERO + Duration::from_secs(10);
-    assert_eq!(answer(&mut kad, later, asks), 1);
-    let step = Duration::from_micros(1_000_000 / u64::from(config.seed_value_answers_per_s));
-    assert_eq!(answer(&mut kad, later + step, asks), 1);
-    kad.set_seeding(file, false);
-    assert_eq!(answer(&mut kad, later + Duration::from_secs(10), asks), burst);
+    assert_eq!(answer(&mut kad, file, Instant::ZERO + step * 3, asks), 3);
+    let later = Instant::ZERO + Duration::from_secs(5);
+    assert_eq!(answer(&mut kad, file, later, asks), burst);
+    // Our own manifest: one answer per 1 / origin_value_answers_per_s.
+    assert_eq!(answer(&mut kad, own_file, later, asks), 1);
+    let step = Duration::from_micros(1_000_000 / u64::from(config.origin_value_answers_per_s));
+    assert_eq!(answer(&mut kad, own_file, later + step / 2, asks), 0);
+    assert_eq!(answer(&mut kad, own_file, later + step, asks), 1);
 }
 
 #[test]
